@@ -1,0 +1,61 @@
+"""The ONNX ``metadata_props`` keys stn-deploy writes at export and reads at inference.
+
+Everything a deployment needs to use the model travels inside the ONNX file; this module is
+the one place the keys are named. It needs no torch and no onnx (values are JSON strings).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .preprocessing import Preprocessing
+
+PRODUCER_NAME = "stn-deploy"
+
+CLASS_NAMES = "stn_deploy.class_names"  # JSON list of strings
+PREPROCESSING = "stn_deploy.preprocessing"  # JSON, Preprocessing.to_dict()
+CHECKPOINT_SHA256 = "stn_deploy.checkpoint_sha256"  # hex digest of the source file
+METRICS = "stn_deploy.metrics"  # JSON dict, training metrics
+VERSIONS = "stn_deploy.versions"  # JSON dict, stn_deploy/torch/onnx/... versions
+TARGET = "stn_deploy.target"  # ort | cuda | portable
+PRECISION = "stn_deploy.precision"  # fp32 | fp16 | int8
+DATASET = "stn_deploy.dataset"  # the checkpoint's dataset name
+MODEL_CONFIG = "stn_deploy.model_config"  # JSON, STNConfig.to_dict() (absent for .pt2 sources)
+
+# Graph input/output names.
+INPUT = "image"
+LOG_PROBS = "log_probs"
+THETA = "theta"
+WARPED = "warped"
+
+
+@dataclass
+class ModelMetadata:
+    """The parsed stn-deploy metadata of an ONNX model."""
+
+    preprocessing: Preprocessing
+    class_names: list[str]
+    props: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "model") -> ModelMetadata:
+        """Parse ``metadata_props`` (a plain dict); a missing or bad key is a ValueError naming it."""
+        try:
+            pre = Preprocessing.from_json(props[PREPROCESSING])
+        except KeyError:
+            raise ValueError(f"{source}: no '{PREPROCESSING}' metadata (not exported by stn-export?)") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: bad '{PREPROCESSING}' metadata ({exc})") from None
+        try:
+            names = json.loads(props[CLASS_NAMES])
+        except KeyError:
+            raise ValueError(f"{source}: no '{CLASS_NAMES}' metadata") from None
+        except ValueError as exc:
+            raise ValueError(f"{source}: bad '{CLASS_NAMES}' metadata ({exc})") from None
+        return cls(preprocessing=pre, class_names=[str(n) for n in names], props=dict(props))
+
+    def json_value(self, key: str, default: Any = None) -> Any:
+        raw = self.props.get(key)
+        return default if raw is None else json.loads(raw)

@@ -1,0 +1,142 @@
+"""Preprocessing, defined once: how an image file becomes the model's input tensor.
+
+Training, calibration, export parity, inference and benchmarks all go through
+:class:`Preprocessing`, so the numbers a user sees at train time are the numbers they get in
+deployment. This module needs numpy and pillow only (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+CHANNEL_ORDERS = {"RGB": 3, "L": 1}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Decode → convert to ``channel_order`` → resize to ``image_size`` → scale to [0, 1] →
+    normalize with ``mean``/``std`` → CHW float32.
+
+    ``image_size`` is (height, width). ``channel_order`` is a PIL mode: ``"RGB"`` for 3-channel
+    models, ``"L"`` for 1-channel (grayscale) models.
+    """
+
+    image_size: tuple[int, int] = (32, 32)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    channel_order: str = "RGB"
+    resample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {sorted(CHANNEL_ORDERS)}, got {self.channel_order!r}")
+        n = CHANNEL_ORDERS[self.channel_order]
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f"mean/std need {n} values for channel_order {self.channel_order!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @property
+    def channels(self) -> int:
+        return CHANNEL_ORDERS[self.channel_order]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one preprocessed image."""
+        return (self.channels, *self.image_size)
+
+    # -- serialization (checkpoint and ONNX metadata) ---------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        kw = dict(d)
+        for key in ("image_size", "mean", "std"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        return cls.from_dict(json.loads(text))
+
+    # -- the transform itself ---------------------------------------------------------------
+    def convert(self, image: Image.Image) -> Image.Image:
+        """Bring any decoded PIL image (L, LA, P, RGBA, I;16, CMYK, …) to ``channel_order``."""
+        mode = image.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            # 16/32-bit integer grayscale: rescale to 8 bits rather than letting PIL clip.
+            arr = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+            image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif mode == "F":
+            arr = np.asarray(image, dtype=np.float64)
+            scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+            image = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+        elif mode in ("P", "PA") or "A" in mode:
+            # Palette images may carry transparency; composite alpha onto black like RGBA.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, rgba)
+        if image.mode != self.channel_order:
+            image = image.convert(self.channel_order)
+        return image
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        h, w = self.image_size
+        if image.size != (w, h):
+            resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+                        "bicubic": Image.Resampling.BICUBIC}[self.resample]
+            image = image.resize((w, h), resample)
+        return image
+
+    def to_uint8(self, image: Image.Image) -> np.ndarray:
+        """The converted, resized image as an HWC (or HW) uint8 array."""
+        return np.asarray(self.resize(self.convert(image)), dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 HWC/HW (or NHWC) pixels → float32 CHW (or NCHW), scaled and normalized."""
+        x = pixels.astype(np.float32) / np.float32(255.0)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        elif x.ndim == 3 and self.channels == 1 and x.shape[-1] != 1:
+            x = x[..., None]
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        x = (x - mean) / std
+        return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+    def denormalize(self, x: np.ndarray) -> np.ndarray:
+        """float32 CHW/NCHW model input → uint8 HWC/NHWC pixels (for visualization)."""
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        hwc = np.moveaxis(np.asarray(x, dtype=np.float32), -3, -1) * std + mean
+        return np.clip(hwc * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """A decoded PIL image → float32 CHW model input."""
+        return self.normalize(self.to_uint8(image))
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return np.stack([self(im) for im in images]) if images else np.zeros((0, *self.input_shape), np.float32)

@@ -1,0 +1,77 @@
+"""Shared fixtures: small real checkpoints written to disk (no network, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stn_deploy.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from stn_deploy.model import STNConfig, build_model  # noqa: E402
+from stn_deploy.preprocessing import Preprocessing  # noqa: E402
+
+DIGIT_CLASSES = [str(i) for i in range(10)]
+
+
+def make_checkpoint(
+    path: Path,
+    config: STNConfig | None = None,
+    *,
+    seed: int = 0,
+    theta_bias: tuple[float, ...] | None = None,
+    dataset: str = "random",
+) -> Path:
+    """Write a checkpoint of a randomly initialised model.
+
+    ``theta_bias`` overrides the θ head's bias (its weights stay zero, so every input gets that
+    θ): e.g. ``(2.5, 0.4, 1.5, -0.3, 2.0, -1.2)`` samples far outside the image.
+    """
+    config = config or STNConfig()
+    torch.manual_seed(seed)
+    model = build_model(config)
+    if theta_bias is not None:
+        with torch.no_grad():
+            model.fc_loc[-1].weight.normal_(0, 0.01)
+            model.fc_loc[-1].bias.copy_(torch.tensor(theta_bias))
+    channels = "RGB" if config.in_channels == 3 else "L"
+    pre = Preprocessing(
+        image_size=(config.image_size, config.image_size),
+        mean=(0.5,) * config.in_channels,
+        std=(0.25,) * config.in_channels,
+        channel_order=channels,
+    )
+    ckpt = Checkpoint(
+        config=config,
+        state_dict=model.state_dict(),
+        class_names=[f"class_{i}" for i in range(config.num_classes)],
+        preprocessing=pre,
+        dataset=dataset,
+        metrics={"test_accuracy": 0.1},
+    )
+    return save_checkpoint(ckpt, path)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(tmp_path_factory) -> Path:
+    """The reference STN (3×32×32, 10 classes), random weights, identity θ init."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "stn.pt")
+
+
+@pytest.fixture(scope="session")
+def extreme_theta_checkpoint_path(tmp_path_factory) -> Path:
+    """A reference STN whose θ samples mostly outside the image (zeros padding matters)."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "stn_extreme.pt",
+        seed=1,
+        theta_bias=(2.5, 0.4, 1.5, -0.3, 2.0, -1.2),
+    )
+
+
+@pytest.fixture(scope="session")
+def mnist_checkpoint_path(tmp_path_factory) -> Path:
+    """A 1×28×28 (MNIST-shaped) STN checkpoint."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "stn_mnist.pt", STNConfig(in_channels=1, image_size=28), seed=2
+    )
