@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   virtualenv + install, train on the offline digits dataset, export with
+#               checks, run stn-infer on sample images
+#   make test   virtualenv + install, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= demo
+
+.PHONY: demo test install clean
+
+$(BIN)/stn-train: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[cpu,dev]'
+	@touch $@
+
+install: $(BIN)/stn-train
+
+demo: install
+	$(BIN)/stn-train --dataset digits --output $(DEMO)/stn_digits.pt --visualize $(DEMO)/warps.png
+	$(BIN)/stn-export $(DEMO)/stn_digits.pt -o $(DEMO)/stn_digits.onnx --with-theta --with-warped
+	$(BIN)/python -m stn_deploy.train.samples --dataset digits --count 200 $(DEMO)/samples
+	$(BIN)/stn-infer $(DEMO)/samples --model $(DEMO)/stn_digits.onnx --output $(DEMO)/predictions.csv --visualize $(DEMO)/infer_warps
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache build *.egg-info
