@@ -11,7 +11,6 @@ DEMO   ?= demo
 
 $(BIN)/stn-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[cpu,dev]'
 	@touch $@
 
