@@ -28,11 +28,12 @@ FORMAT_VERSION = 1
 
 def versions() -> dict[str, str]:
     """Versions of the software that produced an artifact (recorded in checkpoints and ONNX)."""
-    out = {"stn_deploy": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses to unpickle.
+    out = {"stn_deploy": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
     for name in ("onnx", "onnxruntime", "onnxscript", "torchvision"):
         try:
             module = __import__(name)
-            out[name] = getattr(module, "__version__", "unknown")
+            out[name] = str(getattr(module, "__version__", "unknown"))
         except ImportError:
             pass
     return out
