@@ -1,0 +1,184 @@
+"""Image files on disk → model input arrays: discovery, safe decoding, batching (no torch).
+
+Files are chosen by extension (:data:`IMAGE_EXTENSIONS`); whether one really is an image is
+decided by decoding it, and a file that fails becomes a per-file :class:`DecodeResult` with the
+error, never an exception that stops a run. Conversion (grayscale, RGBA, palette, 16-bit),
+resizing and normalization are :class:`~stn_deploy.preprocessing.Preprocessing`'s job, the one
+definition shared with training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+from .preprocessing import Preprocessing
+
+# PNG, JPEG, BMP, WebP, TIFF, GIF (first frame).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: decompression-bomb guard, per file
+
+
+class ImageDirectoryError(ImageError):
+    """The input directory is missing, not a directory, or holds no image files."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The image files under a root, in a stable (sorted) order."""
+
+    root: Path
+    files: list[Path]
+    skipped: int  # files present whose extension is not an image extension
+
+
+def find_images(root: str | os.PathLike[str], *, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> ImageListing:
+    """Every image file under ``root`` (recursively; hidden files and directories are skipped).
+
+    ``root`` may also be a single image file. A missing path, or a directory without image files,
+    raises :class:`ImageDirectoryError`.
+    """
+    root = Path(root)
+    exts = {e.lower() for e in extensions}
+    if not root.exists():
+        raise ImageDirectoryError(f"{root}: no such directory")
+    if root.is_file():
+        if root.suffix.lower() not in exts:
+            raise ImageDirectoryError(f"{root}: not an image file (extensions: {', '.join(sorted(exts))})")
+        return ImageListing(root=root.parent, files=[root], skipped=0)
+    if not root.is_dir():
+        raise ImageDirectoryError(f"{root}: not a directory")
+    files: list[Path] = []
+    skipped = 0
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in exts:
+                files.append(Path(dirpath, name))
+            else:
+                skipped += 1
+    if not files:
+        extra = f" ({skipped} other files)" if skipped else ""
+        raise ImageDirectoryError(
+            f"{root}: no image files{extra} (looked for {', '.join(sorted(exts))}, recursively)"
+        )
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return ImageListing(root=root, files=files, skipped=skipped)
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    raise ImageDirectoryError(f"{exc.filename}: {exc.strerror or exc}")
+
+
+def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode one image file (first frame of an animation), checking its size first.
+
+    The header is read before any pixel is decoded, so an oversized image (a decompression bomb)
+    is refused without allocating it. Every failure is an :class:`ImageError` ``"path: problem"``.
+    PIL's own limit (``Image.MAX_IMAGE_PIXELS``, which ``stn-infer`` sets to ``--max-pixels``) is
+    a second line: above twice it, ``Image.open`` itself refuses.
+    """
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        try:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(
+                    f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+                    f"{max_pixels:,} (possible decompression bomb; raise --max-pixels to allow it)"
+                )
+            image.load()  # a freshly opened animation (GIF, APNG, multi-page TIFF) is on its first frame
+        except BaseException:
+            image.close()
+            raise
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        if _is_empty(path):
+            raise ImageError(f"{path}: empty file (0 bytes)") from None
+        raise ImageError(f"{path}: not an image PIL can decode (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:  # could not open the file at all
+            raise ImageError(f"{path}: {exc.strerror or exc}") from None
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImageError(f"{path}: cannot decode ({msg})") from None
+    return image
+
+
+@dataclass
+class DecodeResult:
+    """One file's model input (``array``, float32 CHW) or the error that stopped it."""
+
+    path: Path
+    array: np.ndarray | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodeResult:
+    """Decode and preprocess one file; failures are returned, not raised."""
+    try:
+        with open_image(path, max_pixels=max_pixels) as image:
+            pixels = preprocessing.to_uint8(image)
+    except ImageError as exc:
+        # The row already names the file: keep only the problem.
+        msg = str(exc)
+        prefix = f"{path}: "
+        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
+        return DecodeResult(path, error=f"cannot decode ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+    return DecodeResult(path, array=pixels)
+
+
+@dataclass
+class DecodedBatch:
+    """A batch of files: the model input for those that decoded, and every file's result."""
+
+    results: list[DecodeResult]
+    inputs: np.ndarray  # [n_ok, C, H, W] float32, in the order of the ok results
+
+    @property
+    def ok_indices(self) -> list[int]:
+        return [i for i, r in enumerate(self.results) if r.ok]
+
+
+def decode_batch(
+    paths: Sequence[Path], preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> DecodedBatch:
+    """Decode ``paths`` and normalize the ones that succeeded as one [n, C, H, W] array.
+
+    Normalization runs once on the stacked uint8 batch (vectorized), with the same
+    :meth:`Preprocessing.normalize` a single image uses.
+    """
+    results = [decode(p, preprocessing, max_pixels=max_pixels) for p in paths]
+    ok = [r.array for r in results if r.ok]
+    if ok:
+        inputs = preprocessing.normalize(np.stack(ok))
+    else:
+        inputs = np.zeros((0, *preprocessing.input_shape), dtype=np.float32)
+    for r in results:
+        r.array = None  # the uint8 pixels are no longer needed; the batch holds the input
+    return DecodedBatch(results=results, inputs=inputs)
