@@ -1,0 +1,121 @@
+"""``stn-export``: a checkpoint (.pt) or torch.export archive (.pt2) → a verified ONNX file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..cli import report_errors, to_json
+from .targets import TARGETS
+
+_TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
+
+
+def default_output(model: Path, target: str) -> Path:
+    """``stn.pt`` → ``stn.onnx`` for the default target, ``stn.<target>.onnx`` for the others."""
+    return model.with_suffix(".onnx") if target == "ort" else model.with_name(f"{model.stem}.{target}.onnx")
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        dims = tuple(int(p) for p in parts if p)
+    except ValueError:
+        raise click.BadParameter(f"expected H,W or one size, got {text!r}", param_hint="--image-size") from None
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2:
+        raise click.BadParameter(f"expected H,W or one size, got {text!r}", param_hint="--image-size")
+    return dims  # type: ignore[return-value]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=None,
+    help="ONNX file to write. Default: MODEL with suffix .onnx for --target ort, MODEL.<target>.onnx otherwise "
+    "(stn.pt -> stn.onnx, stn.cuda.onnx, stn.portable.onnx).",
+)
+@click.option("--target", type=click.Choice(list(TARGETS)), default="ort", show_default=True, help=_TARGET_HELP)
+@click.option("--opset", type=int, default=None, help="ONNX opset (ort: 20-21, default 20; cuda: 16-19, default 18; portable: 16-17, default 17).")
+@click.option("--with-theta", is_flag=True, help="Add the output 'theta' [N, 2, 3] (the affine transform).")
+@click.option("--with-warped", is_flag=True, help="Add the output 'warped' [N, C, H, W] (the transformed image).")
+@click.option("--optimize", is_flag=True, help="Save ONNX Runtime's offline-optimized graph (level BASIC) and re-check parity on it.")
+@click.option("--parity-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Inputs compared against PyTorch (random, dataset samples, extreme theta).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Where the checkpoint's dataset lives (for dataset parity samples).")
+@click.option("--image-size", default=None, help=".pt2 only: input size H,W (default: the archive's input shape).")
+@click.option("--mean", default=None, help=".pt2 only: per-channel normalization mean, e.g. 0.485,0.456,0.406 (default 0.5).")
+@click.option("--std", default=None, help=".pt2 only: per-channel normalization std (default 0.5).")
+@click.option("--channels", type=click.Choice(["RGB", "L"], case_sensitive=False), default=None,
+              help=".pt2 only: channel order the model expects (default: RGB for 3 channels, L for 1).")
+@click.option("--class-names", default=None, help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).")
+@click.option("--json", "as_json", is_flag=True, help="Write the export report as JSON to stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@report_errors
+def main(
+    model: Path, output: Path | None, target: str, opset: int | None, with_theta: bool, with_warped: bool,
+    optimize: bool, parity_samples: int, data_dir: Path | None, image_size: str | None, mean: str | None,
+    std: str | None, channels: str | None, class_names: str | None, as_json: bool, quiet: bool,
+) -> None:
+    """Export MODEL (a stn-deploy checkpoint .pt, or a torch.export archive .pt2 of your own
+    STN-style model) to ONNX, and prove the file before it is written: onnx.checker (full),
+    strict shape inference, the graph signature, ONNX Runtime at batch sizes 1/7/64, and parity
+    with PyTorch (max |Δ log-prob| <= 1e-4, identical top-1) on random, dataset and extreme-θ
+    inputs. Any failed check exits non-zero and leaves no file.
+
+    \b
+    Examples:
+      stn-export stn.pt                          # -> stn.onnx (GridSample-20, opset 20)
+      stn-export stn.pt --target cuda            # -> stn.cuda.onnx (GridSample-16, opset 18)
+      stn-export stn.pt --target portable --json # -> stn.portable.onnx, report as JSON
+      stn-export my_stn.pt2 --mean 0.1307 --std 0.3081 --class-names digits.txt
+    """
+    from .exporter import export_model
+    from .sources import parse_class_names
+
+    pre_overrides = {
+        k: v
+        for k, v in {
+            "image_size": _image_size(image_size),
+            "mean": _floats(mean, "--mean"),
+            "std": _floats(std, "--std"),
+            "channel_order": channels.upper() if channels else None,
+        }.items()
+        if v is not None
+    }
+    output = output or default_output(model, target)
+    if not as_json:
+        click.echo(f"Exporting {model} -> {output} (target {target})", err=True)
+
+    # The fp32 export: written, checked and moved into place by export_model. Post-processing
+    # steps (quantization, fp16) start from this verified file.
+    report = export_model(
+        model, output, target=target, opset=opset, with_theta=with_theta, with_warped=with_warped,
+        optimize=optimize, parity_samples=parity_samples, preprocessing=pre_overrides or None,
+        class_names=parse_class_names(class_names), data_dir=data_dir, progress=not quiet,
+    )
+
+    if as_json:
+        click.echo(to_json(report.to_dict()))
+    else:
+        click.echo(report.format_table())
+        click.echo(f"Wrote {report.output} ({report.output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s", err=True)
+    sys.exit(0 if report.passed else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

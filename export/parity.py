@@ -1,0 +1,251 @@
+"""Parity: the exported file against the PyTorch reference, on three kinds of input.
+
+``random``
+    Standard-normal images in the model's normalized input space.
+``dataset``
+    Test-split samples of the checkpoint's dataset (``stn_deploy.train.data.load_samples``),
+    when the dataset is available on this machine.
+``extreme_theta``
+    Inputs whose θ samples outside the image, so that zeros padding and the out-of-range
+    neighbours of bilinear sampling are exercised. A trained (or freshly initialised) θ head
+    rarely produces such θ on its own, so the *same* exported file is run with its θ-head
+    weights replaced: ONNX Runtime's ``SessionOptions.add_initializer`` overrides the two
+    initializers of the Linear layer that produces θ, and PyTorch runs the reference with the
+    same replacement (``torch.func.functional_call``). With ``W' = s·W`` and ``b' = s·b + t``,
+    every input gets ``θ' = s·θ + t`` (zoom by ``s``, shift by ``t`` with ``|t| > 1``), a grid
+    that lies partly or wholly outside [-1, 1]². The graph, the operators and the sampler are
+    exactly those of the shipped file; only two initializer values differ.
+
+The thresholds are the project's parity bar: max |Δ log-prob| ≤ 1e-4 and identical top-1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..metadata import LOG_PROBS
+from .report import OutputDiff, ParityStats
+
+MAX_ABS_DIFF = 1e-4
+CHUNK = 64
+
+# (scale s, shift tx, shift ty): θ' = s·θ + [[0, 0, tx], [0, 0, ty]].
+THETA_PROBES = ((1.0, 1.5, 0.0), (2.0, -1.2, 1.3), (0.5, 0.6, -1.8), (1.5, 2.5, 2.5))
+
+
+@dataclass(frozen=True)
+class ThetaHead:
+    """Names of the Linear layer that outputs θ (6 features) in the model and the ONNX graph."""
+
+    weight: str
+    bias: str
+
+
+def find_theta_head(program) -> ThetaHead | None:
+    """Walk back from the first grid_sample call in an ExportedProgram to the Linear that makes θ."""
+    graph = program.graph
+    params = program.graph_signature.inputs_to_parameters
+    samplers = [n for n in graph.nodes if n.op == "call_function" and "grid_sampler" in str(n.target)]
+    if not samplers:
+        return None
+    seen: set = set()
+    frontier = [samplers[0].args[1]]  # the grid
+    while frontier:
+        node = frontier.pop(0)
+        if not hasattr(node, "op") or node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_function" and str(node.target) in ("aten.linear.default", "aten.addmm.default"):
+            if str(node.target) == "aten.linear.default" and len(node.args) >= 3:
+                weight, bias = node.args[1], node.args[2]
+            else:
+                bias, weight = node.args[0], node.args[2]
+            w_name, b_name = params.get(getattr(weight, "name", "")), params.get(getattr(bias, "name", ""))
+            if w_name and b_name:
+                return ThetaHead(w_name, b_name)
+            return None
+        for arg in node.all_input_nodes:
+            frontier.append(arg)
+    return None
+
+
+def _load_dataset_samples(dataset: str, n: int, shape: tuple[int, ...], data_dir: Path | None) -> tuple[np.ndarray | None, str]:
+    """Up to ``n`` preprocessed test samples, or (None, why not)."""
+    if dataset in ("", "unknown", "random"):
+        return None, f"dataset '{dataset}' has no samples"
+    try:
+        from ..train.data import load_samples
+    except ImportError:
+        return None, "stn_deploy.train.data.load_samples is not available"
+    kwargs = {"split": "test"}
+    params = inspect.signature(load_samples).parameters
+    if data_dir is not None:
+        for key in ("data_dir", "root"):
+            if key in params:
+                kwargs[key] = data_dir
+                break
+    try:
+        result = load_samples(dataset, n, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a missing dataset only means this input kind is skipped
+        return None, f"dataset '{dataset}' not loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    if result is None:
+        return None, f"dataset '{dataset}' not available on this machine"
+    if isinstance(result, (tuple, list)) and not isinstance(result, np.ndarray) and len(result) and not np.isscalar(result[0]):
+        first = result[0]
+        if isinstance(first, (np.ndarray, torch.Tensor)) and getattr(first, "ndim", 0) == 4:
+            result = first  # (images, labels)
+    images = result.numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+    images = images.astype(np.float32)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        return None, f"dataset '{dataset}' samples have shape {images.shape[1:]}, model takes {shape}"
+    return images[:n], ""
+
+
+def _outside_fraction(theta: torch.Tensor, shape: tuple[int, ...], align_corners: bool) -> torch.Tensor:
+    """Per input: the fraction of sampling points that fall outside the image."""
+    grid = F.affine_grid(theta, [theta.shape[0], *shape], align_corners=align_corners)
+    return (grid.abs() > 1).any(dim=-1).flatten(1).float().mean(dim=1)
+
+
+def measure_parity(
+    session_factory: Callable[[dict[str, np.ndarray] | None], object],
+    reference: nn.Module,
+    *,
+    input_shape: tuple[int, int, int],
+    output_names: list[str],
+    n_inputs: int,
+    dataset: str = "unknown",
+    data_dir: Path | None = None,
+    theta_head: ThetaHead | None = None,
+    theta_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    align_corners: bool | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ParityStats:
+    """Compare ONNX Runtime against ``reference`` on ``n_inputs`` inputs of each available kind.
+
+    ``session_factory(overrides)`` returns an ONNX Runtime session of the file under test with
+    the given initializers replaced (``None``: as shipped).
+    """
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    n_extreme = max(len(THETA_PROBES), n_inputs // 4) if theta_head is not None else 0
+    if theta_head is None:
+        notes.append("extreme_theta: no θ head found (no spatial transformer), kind skipped")
+    n_dataset = (n_inputs - n_extreme) // 2
+    samples, why = _load_dataset_samples(dataset, n_dataset, input_shape, data_dir) if n_dataset else (None, "")
+    if samples is None:
+        notes.append(f"dataset: {why}")
+        samples = np.zeros((0, *input_shape), np.float32)
+    n_random = n_inputs - n_extreme - len(samples)
+
+    # (kind, images, overrides for ORT / for torch, θ transform for the outside fraction)
+    plan: list[tuple[str, np.ndarray, dict | None, dict | None, tuple[float, float, float] | None]] = []
+    plan.append(("random", rng.standard_normal((n_random, *input_shape), dtype=np.float32), None, None, None))
+    if len(samples):
+        plan.append(("dataset", samples, None, None, None))
+    if theta_head is not None:
+        state = dict(reference.named_parameters())
+        w = state[theta_head.weight].detach()
+        b = state[theta_head.bias].detach()
+        per_probe = np.array_split(np.arange(n_extreme), len(THETA_PROBES))
+        for (s, tx, ty), idx in zip(THETA_PROBES, per_probe):
+            t = torch.tensor([0.0, 0.0, tx, 0.0, 0.0, ty], dtype=b.dtype)
+            w2, b2 = w * s, b * s + t
+            onnx_over = {theta_head.weight: w2.numpy().copy(), theta_head.bias: b2.numpy().copy()}
+            torch_over = {theta_head.weight: w2, theta_head.bias: b2}
+            images = rng.standard_normal((len(idx), *input_shape), dtype=np.float32)
+            plan.append(("extreme_theta", images, onnx_over, torch_over, (s, tx, ty)))
+
+    diffs: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    top1: list[np.ndarray] = []
+    kinds: list[np.ndarray] = []
+    outside: dict[str, list[float]] = {}
+    total = sum(len(p[1]) for p in plan)
+    bar = tqdm(total=total, desc="parity", unit="img", disable=not progress, leave=False)
+    try:
+        for kind, images, onnx_over, torch_over, probe in plan:
+            if not len(images):
+                continue
+            session = session_factory(onnx_over)
+            for start in range(0, len(images), CHUNK):
+                x = images[start : start + CHUNK]
+                got = session.run(output_names, {"image": x})
+                xt = torch.from_numpy(x)
+                with torch.no_grad():
+                    if torch_over:
+                        want = torch.func.functional_call(reference, torch_over, (xt,), strict=False)
+                    else:
+                        want = reference(xt)
+                want = [want] if isinstance(want, torch.Tensor) else list(want)
+                for name, g, w_ in zip(output_names, got, want):
+                    diffs[name].append(np.abs(g.astype(np.float64) - w_.numpy().astype(np.float64)).reshape(len(x), -1))
+                i_lp = output_names.index(LOG_PROBS)
+                top1.append(got[i_lp].argmax(1) == want[i_lp].numpy().argmax(1))
+                kinds.append(np.array([kind] * len(x)))
+                if theta_fn is not None and align_corners is not None:
+                    with torch.no_grad():
+                        theta = theta_fn(xt)
+                        if probe is not None:
+                            s, tx, ty = probe
+                            theta = theta * s + torch.tensor([[0.0, 0.0, tx], [0.0, 0.0, ty]])
+                        outside.setdefault(kind, []).extend(_outside_fraction(theta, input_shape, align_corners).tolist())
+                bar.update(len(x))
+    finally:
+        bar.close()
+
+    kind_arr = np.concatenate(kinds)
+    top1_arr = np.concatenate(top1)
+    per_output = {name: np.concatenate(v) for name, v in diffs.items()}
+    outputs = {name: _diff(v) for name, v in per_output.items()}
+    by_kind: dict[str, dict] = {}
+    for kind in dict.fromkeys(kind_arr.tolist()):
+        mask = kind_arr == kind
+        entry = {
+            "n": int(mask.sum()),
+            "max_abs_diff": float(per_output[LOG_PROBS][mask].max()),
+            "mean_abs_diff": float(per_output[LOG_PROBS][mask].mean()),
+            "top1_agreement": float(top1_arr[mask].mean()),
+        }
+        if kind in outside:
+            entry["mean_outside_fraction"] = float(np.mean(outside[kind]))
+        by_kind[kind] = entry
+    return ParityStats(
+        n_inputs=int(len(kind_arr)),
+        inputs_by_kind={k: v["n"] for k, v in by_kind.items()},
+        outputs=outputs,
+        top1_agreement=float(top1_arr.mean()),
+        by_kind=by_kind,
+        notes=notes,
+    )
+
+
+def _diff(values: np.ndarray) -> OutputDiff:
+    return OutputDiff(
+        max_abs=float(values.max()), mean_abs=float(values.mean()), p99_abs=float(np.quantile(values, 0.99))
+    )
+
+
+def parity_verdict(stats: ParityStats, tolerance: float = MAX_ABS_DIFF) -> tuple[bool, str, dict]:
+    """The parity bar on every compared output, and identical top-1."""
+    failures = [f"{name} max |Δ| {d.max_abs:.3g} > {tolerance:g}" for name, d in stats.outputs.items() if d.max_abs > tolerance]
+    if stats.top1_agreement < 1.0:
+        failures.append(f"top-1 agreement {stats.top1_agreement:.4%} < 100%")
+    kinds = ", ".join(f"{k} {v}" for k, v in stats.inputs_by_kind.items())
+    message = (
+        f"max |Δ log-prob| {stats.max_abs_diff:.3g}, mean {stats.mean_abs_diff:.3g}, "
+        f"top-1 {stats.top1_agreement:.2%} on {stats.n_inputs} inputs ({kinds})"
+    )
+    if failures:
+        message = "; ".join(failures) + f" [{message}]"
+    return not failures, message, stats.to_dict()
