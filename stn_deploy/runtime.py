@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -318,13 +319,21 @@ class Session:
         if spin is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only; placement is reported by us, not the log
-        self._profile_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._profile_dir: str | None = None
         if record_placement:
-            self._profile_dir = tempfile.TemporaryDirectory(prefix="stn-placement-")
+            self._profile_dir = tempfile.mkdtemp(prefix="stn-placement-")
             options.enable_profiling = True
-            options.profile_file_prefix = os.path.join(self._profile_dir.name, "profile")
+            options.profile_file_prefix = os.path.join(self._profile_dir, "profile")
         self.session_options = options
+        try:
+            self._init_session(provider, trt_max_batch, io_binding)
+            self._placement: PlacementReport | None = None
+            self._record_placement = record_placement
+            self.warmup(max(1, warmup) if record_placement else warmup, batch=warmup_batch)
+        finally:
+            self._remove_profile_dir()
 
+    def _init_session(self, provider: str, trt_max_batch: int | None, io_binding: bool | None) -> None:
         # The input's name and shape come from the file before any provider is chosen, so the
         # TensorRT optimization profile can name them.
         chain = resolve_providers(provider, self.provider_config)
@@ -336,7 +345,7 @@ class Session:
                 provider, self.provider_config, input_name=first.name, input_shape=first.shape[1:]
             )
         self.provider_chain = chain
-        self._session = self._create(options, chain)
+        self._session = self._create(self.session_options, chain)
         self.providers: list[str] = list(self._session.get_providers())
         self._check_providers_took(chain)
 
@@ -362,9 +371,11 @@ class Session:
 
         self.device = "cuda" if self.providers and self.providers[0] in GPU_PROVIDERS else "cpu"
         self.io_binding = (self.device == "cuda") if io_binding is None else bool(io_binding)
-        self._placement: PlacementReport | None = None
-        self._record_placement = record_placement
-        self.warmup(max(1, warmup) if record_placement else warmup, batch=warmup_batch)
+
+    def _remove_profile_dir(self) -> None:
+        if self._profile_dir is not None:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None
 
     # -- construction helpers -----------------------------------------------------------------
     def _create(self, options: ort.SessionOptions, chain: list[tuple[str, dict[str, Any]]]) -> ort.InferenceSession:
@@ -479,9 +490,7 @@ class Session:
         finally:
             if path:
                 Path(path).unlink(missing_ok=True)
-            if self._profile_dir is not None:
-                self._profile_dir.cleanup()
-                self._profile_dir = None
+            self._remove_profile_dir()
         self._placement = parse_profile(events, self.providers)
 
     def placement(self) -> PlacementReport:
