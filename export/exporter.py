@@ -38,7 +38,7 @@ from ..fileio import atomic_path
 from ..preprocessing import Preprocessing
 from . import checks
 from .checks import TensorSpec, run_check
-from .parity import find_theta_head, measure_parity, parity_verdict
+from .parity import measure_parity, parity_verdict
 from .report import CheckResult, ExportReport
 from .sources import ExportOptionError, ExportSource, load_source
 from .targets import EXPORTER_MIN_OPSET, Target, check_target_form, get_target, lower_opset
@@ -125,8 +125,7 @@ def _export_onnx(src: ExportSource, tgt: Target, opset: int, outputs: tuple[str,
         raise
     except Exception as exc:  # noqa: BLE001 - torch.export failures become one line
         raise ExportCheckError(f"{src.path}: check 'export' failed: torch.export: {_one_line(exc)}") from None
-    # The θ head is located on the un-decomposed program: its parameter names are the ONNX initializer names.
-    theta_head = find_theta_head(src.archive if src.kind == "archive" else program)
+    theta_head = src.theta_head()  # its parameter names are the ONNX initializer names
 
     example = torch.zeros((2, *src.input_shape))
     quiet = io.StringIO()

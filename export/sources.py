@@ -9,8 +9,11 @@ reference keeps PyTorch's own ``grid_sample``, so parity measures the decomposit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import zipfile
+from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,21 @@ class ExportSource:
         if self.checkpoint is not None:
             return self.checkpoint.config.arch == "stn"
         return True  # an archive is accepted only if it calls grid_sample (checked on load)
+
+    def theta_head(self):
+        """The Linear layer that outputs θ, by parameter name (None for a model without one).
+
+        For a checkpoint it is the model's ``fc_loc[-1]`` (under :class:`STNHead`'s ``model.``
+        prefix); for an archive it is found by walking back from grid_sample in its graph.
+        """
+        from .parity import ThetaHead, find_theta_head
+
+        if self.checkpoint is not None:
+            if self.checkpoint.config.arch != "stn":
+                return None
+            last = max(int(k.split(".")[1]) for k in self.checkpoint.state_dict if k.startswith("fc_loc.") and k.endswith(".weight"))
+            return ThetaHead(f"model.fc_loc.{last}.weight", f"model.fc_loc.{last}.bias")
+        return find_theta_head(self.archive)
 
     # -- the PyTorch reference ---------------------------------------------------------------
     def reference(self, outputs: tuple[str, ...]) -> nn.Module:
@@ -155,10 +173,17 @@ def _load_archive(path: Path, preprocessing: Preprocessing | dict | None, class_
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a torch.export archive (not a zip file)")
     try:
-        program = torch.export.load(path)
+        with _no_code_from_pickles():
+            program = torch.export.load(path)
+    except _PickleRefused as exc:
+        raise CheckpointError(f"{path}: refused: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure to deserialize means "not an archive"
-        msg = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: not a torch.export archive ({type(exc).__name__}: {msg})") from None
+        msg = " ".join(str(exc).split())
+        if "weights_only" in msg or "Unsupported global" in msg:
+            raise CheckpointError(
+                f"{path}: refused: unpickling part of the archive would run code (only plain tensors are loaded)"
+            ) from None
+        raise CheckpointError(f"{path}: not a torch.export archive ({type(exc).__name__}: {msg[:200]})") from None
 
     inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if len(inputs) != 1:
@@ -219,6 +244,34 @@ def _load_archive(path: Path, preprocessing: Preprocessing | dict | None, class_
         align_corners=align.pop() if len(align) == 1 else None,
         archive=program,
     )
+
+
+class _PickleRefused(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _no_code_from_pickles():
+    """Load a .pt2 archive without letting any pickle inside it import or call code.
+
+    ``torch.export.load`` unpickles some archive members with ``weights_only=False`` (pickled
+    weights and constants, and a fallback for the sample inputs) and opaque constants with
+    ``pickle.loads``, so a crafted archive could run code on load. For the duration of the
+    load, every ``torch.load`` is forced to ``weights_only=True`` (plain tensors and containers
+    only) and the two object unpicklers refuse outright; an STN's weights need neither.
+    """
+    original_load = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original_load(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise _PickleRefused("the archive holds pickled Python objects; unpickling them could run code")
+
+    with mock.patch.object(torch, "load", safe_load), mock.patch.object(pickle, "loads", refuse), \
+            mock.patch.object(torch._C, "_pickle_load_obj", refuse):
+        yield
 
 
 def parse_class_names(text: str | None) -> list[str] | None:
