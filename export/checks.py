@@ -70,7 +70,9 @@ def strict_shape_inference(model: onnx.ModelProto) -> tuple[bool, str, dict]:
     return True, f"all {len(produced)} intermediate values typed (strict, data_prop)", details
 
 
-def graph_signature(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> tuple[bool, str, dict]:
+def graph_signature(
+    model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> tuple[bool, str, dict]:
     """Graph inputs/outputs match the declared names, dtypes and shapes, with one symbolic batch dim."""
     problems: list[str] = []
     batch_params: set[str] = set()
@@ -80,18 +82,20 @@ def graph_signature(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: l
         if names != [s.name for s in declared]:
             problems.append(f"{kind}s {names} != {[s.name for s in declared]}")
             continue
-        for spec, value in zip(declared, values):
+        for spec, value in zip(declared, values, strict=True):
             tensor = value.type.tensor_type
             dims = []
             for d in tensor.shape.dim:
-                dims.append(d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?"))
+                dims.append(
+                    d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+                )
             actual[f"{kind}s"].append({"name": value.name, "dtype": int(tensor.elem_type), "shape": dims})
             if tensor.elem_type != spec.dtype:
                 problems.append(f"{spec.name} dtype {tensor.elem_type} != {spec.dtype}")
             if len(dims) != len(spec.shape):
                 problems.append(f"{spec.name} rank {len(dims)} != {len(spec.shape)}")
                 continue
-            for i, (got, want) in enumerate(zip(dims, spec.shape)):
+            for i, (got, want) in enumerate(zip(dims, spec.shape, strict=True)):
                 if want is None:
                     if not isinstance(got, str) or got == "?":
                         problems.append(f"{spec.name} dim {i} is {got}, expected a symbolic batch")
@@ -107,7 +111,9 @@ def graph_signature(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: l
     return True, "; ".join(s.describe() for s in [*inputs, *outputs]), details
 
 
-def batch_sizes(session, input_spec: TensorSpec, outputs: list[TensorSpec], sizes=BATCH_SIZES) -> tuple[bool, str, dict]:
+def batch_sizes(
+    session, input_spec: TensorSpec, outputs: list[TensorSpec], sizes=BATCH_SIZES
+) -> tuple[bool, str, dict]:
     """An ONNX Runtime CPU session runs at each batch size with the declared output shapes."""
     rng = np.random.default_rng(0)
     problems: list[str] = []
@@ -117,7 +123,7 @@ def batch_sizes(session, input_spec: TensorSpec, outputs: list[TensorSpec], size
         x = rng.standard_normal((n, *input_spec.shape[1:]), dtype=np.float32)
         results = session.run(names, {input_spec.name: x})
         shapes[str(n)] = {}
-        for spec, value in zip(outputs, results):
+        for spec, value in zip(outputs, results, strict=True):
             want = tuple(n if d is None else d for d in spec.shape)
             shapes[str(n)][spec.name] = list(value.shape)
             if tuple(value.shape) != want:

@@ -45,31 +45,76 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default=None,
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
     help="ONNX file to write. Default: MODEL with suffix .onnx for --target ort, MODEL.<target>.onnx otherwise "
     "(stn.pt -> stn.onnx, stn.cuda.onnx, stn.portable.onnx).",
 )
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort", show_default=True, help=_TARGET_HELP)
-@click.option("--opset", type=int, default=None, help="ONNX opset (ort: 20-21, default 20; cuda: 16-19, default 18; portable: 16-17, default 17).")
+@click.option(
+    "--opset",
+    type=int,
+    default=None,
+    help="ONNX opset (ort: 20-21, default 20; cuda: 16-19, default 18; portable: 16-17, default 17).",
+)
 @click.option("--with-theta", is_flag=True, help="Add the output 'theta' [N, 2, 3] (the affine transform).")
 @click.option("--with-warped", is_flag=True, help="Add the output 'warped' [N, C, H, W] (the transformed image).")
-@click.option("--optimize", is_flag=True, help="Save ONNX Runtime's offline-optimized graph (level BASIC) and re-check parity on it.")
-@click.option("--parity-samples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Inputs compared against PyTorch (random, dataset samples, extreme theta).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Where the checkpoint's dataset lives (for dataset parity samples).")
+@click.option(
+    "--optimize",
+    is_flag=True,
+    help="Save ONNX Runtime's offline-optimized graph (level BASIC) and re-check parity on it.",
+)
+@click.option(
+    "--parity-samples",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Inputs compared against PyTorch (random, dataset samples, extreme theta).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the checkpoint's dataset lives (for dataset parity samples).",
+)
 @click.option("--image-size", default=None, help=".pt2 only: input size H,W (default: the archive's input shape).")
-@click.option("--mean", default=None, help=".pt2 only: per-channel normalization mean, e.g. 0.485,0.456,0.406 (default 0.5).")
+@click.option(
+    "--mean", default=None, help=".pt2 only: per-channel normalization mean, e.g. 0.485,0.456,0.406 (default 0.5)."
+)
 @click.option("--std", default=None, help=".pt2 only: per-channel normalization std (default 0.5).")
-@click.option("--channels", type=click.Choice(["RGB", "L"], case_sensitive=False), default=None,
-              help=".pt2 only: channel order the model expects (default: RGB for 3 channels, L for 1).")
-@click.option("--class-names", default=None, help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).")
+@click.option(
+    "--channels",
+    type=click.Choice(["RGB", "L"], case_sensitive=False),
+    default=None,
+    help=".pt2 only: channel order the model expects (default: RGB for 3 channels, L for 1).",
+)
+@click.option(
+    "--class-names",
+    default=None,
+    help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Write the export report as JSON to stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
 def main(
-    model: Path, output: Path | None, target: str, opset: int | None, with_theta: bool, with_warped: bool,
-    optimize: bool, parity_samples: int, data_dir: Path | None, image_size: str | None, mean: str | None,
-    std: str | None, channels: str | None, class_names: str | None, as_json: bool, quiet: bool,
+    model: Path,
+    output: Path | None,
+    target: str,
+    opset: int | None,
+    with_theta: bool,
+    with_warped: bool,
+    optimize: bool,
+    parity_samples: int,
+    data_dir: Path | None,
+    image_size: str | None,
+    mean: str | None,
+    std: str | None,
+    channels: str | None,
+    class_names: str | None,
+    as_json: bool,
+    quiet: bool,
 ) -> None:
     """Export MODEL (a stn-deploy checkpoint .pt, or a torch.export archive .pt2 of your own
     STN-style model) to ONNX, and prove the file before it is written: onnx.checker (full),
@@ -104,16 +149,27 @@ def main(
     # The fp32 export: written, checked and moved into place by export_model. Post-processing
     # steps (quantization, fp16) start from this verified file.
     report = export_model(
-        model, output, target=target, opset=opset, with_theta=with_theta, with_warped=with_warped,
-        optimize=optimize, parity_samples=parity_samples, preprocessing=pre_overrides or None,
-        class_names=parse_class_names(class_names), data_dir=data_dir, progress=not quiet,
+        model,
+        output,
+        target=target,
+        opset=opset,
+        with_theta=with_theta,
+        with_warped=with_warped,
+        optimize=optimize,
+        parity_samples=parity_samples,
+        preprocessing=pre_overrides or None,
+        class_names=parse_class_names(class_names),
+        data_dir=data_dir,
+        progress=not quiet,
     )
 
     if as_json:
         click.echo(to_json(report.to_dict()))
     else:
         click.echo(report.format_table())
-        click.echo(f"Wrote {report.output} ({report.output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s", err=True)
+        click.echo(
+            f"Wrote {report.output} ({report.output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s", err=True
+        )
     sys.exit(0 if report.passed else 1)
 
 

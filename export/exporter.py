@@ -79,7 +79,9 @@ def export_model(
     src = load_source(source, preprocessing=preprocessing, class_names=class_names)
     outputs = [md.LOG_PROBS] + ([md.THETA] if with_theta else []) + ([md.WARPED] if with_warped else [])
     if src.kind == "archive" and len(outputs) > 1:
-        raise ExportOptionError(f"{src.path}: --with-theta/--with-warped need a stn-deploy checkpoint, not a .pt2 archive")
+        raise ExportOptionError(
+            f"{src.path}: --with-theta/--with-warped need a stn-deploy checkpoint, not a .pt2 archive"
+        )
 
     model, theta_head = _export_onnx(src, tgt, opset, tuple(outputs))
     input_spec, output_specs = _declared_signature(src, outputs)
@@ -98,7 +100,9 @@ def export_model(
         progress=progress,
     )
 
-    report = ExportReport(source=src.path, output=output, target=tgt.name, opset=opset, outputs=outputs, optimized=optimize)
+    report = ExportReport(
+        source=src.path, output=output, target=tgt.name, opset=opset, outputs=outputs, optimized=optimize
+    )
     with atomic_path(output) as tmp:
         onnx.save(model, tmp)
         report.parity = _verify(tmp, model, tgt, input_spec, output_specs, theta_head, parity_kwargs, report.checks, "")
@@ -165,7 +169,7 @@ def _quiet_loggers():
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
@@ -260,7 +264,9 @@ def session_factory(path: Path):
     return make
 
 
-def _verify(path, model, tgt, input_spec, output_specs, theta_head, parity_kwargs, results: list[CheckResult], prefix: str):
+def _verify(
+    path, model, tgt, input_spec, output_specs, theta_head, parity_kwargs, results: list[CheckResult], prefix: str
+):
     """Run the named checks on the file at ``path`` (appended to ``results``); returns parity stats."""
     results.append(run_check(prefix + "onnx_checker", checks.onnx_checker, path))
     results.append(run_check(prefix + "shape_inference", checks.strict_shape_inference, model))

@@ -77,7 +77,9 @@ def find_theta_head(program) -> ThetaHead | None:
     return None
 
 
-def _load_dataset_samples(dataset: str, n: int, shape: tuple[int, ...], data_dir: Path | None) -> tuple[np.ndarray | None, str]:
+def _load_dataset_samples(
+    dataset: str, n: int, shape: tuple[int, ...], data_dir: Path | None
+) -> tuple[np.ndarray | None, str]:
     """Up to ``n`` preprocessed test samples, or (None, why not)."""
     if dataset in ("", "unknown", "random"):
         return None, f"dataset '{dataset}' has no samples"
@@ -98,7 +100,12 @@ def _load_dataset_samples(dataset: str, n: int, shape: tuple[int, ...], data_dir
         return None, f"dataset '{dataset}' not loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
     if result is None:
         return None, f"dataset '{dataset}' not available on this machine"
-    if isinstance(result, (tuple, list)) and not isinstance(result, np.ndarray) and len(result) and not np.isscalar(result[0]):
+    if (
+        isinstance(result, (tuple, list))
+        and not isinstance(result, np.ndarray)
+        and len(result)
+        and not np.isscalar(result[0])
+    ):
         first = result[0]
         if isinstance(first, (np.ndarray, torch.Tensor)) and getattr(first, "ndim", 0) == 4:
             result = first  # (images, labels)
@@ -159,7 +166,7 @@ def measure_parity(
         w = state[theta_head.weight].detach()
         b = state[theta_head.bias].detach()
         per_probe = np.array_split(np.arange(n_extreme), len(THETA_PROBES))
-        for (s, tx, ty), idx in zip(THETA_PROBES, per_probe):
+        for (s, tx, ty), idx in zip(THETA_PROBES, per_probe, strict=True):
             t = torch.tensor([0.0, 0.0, tx, 0.0, 0.0, ty], dtype=b.dtype)
             w2, b2 = w * s, b * s + t
             onnx_over = {theta_head.weight: w2.numpy().copy(), theta_head.bias: b2.numpy().copy()}
@@ -188,7 +195,7 @@ def measure_parity(
                     else:
                         want = reference(xt)
                 want = [want] if isinstance(want, torch.Tensor) else list(want)
-                for name, g, w_ in zip(output_names, got, want):
+                for name, g, w_ in zip(output_names, got, want, strict=True):
                     diffs[name].append(np.abs(g.astype(np.float64) - w_.numpy().astype(np.float64)).reshape(len(x), -1))
                 i_lp = output_names.index(LOG_PROBS)
                 top1.append(got[i_lp].argmax(1) == want[i_lp].numpy().argmax(1))
@@ -199,7 +206,9 @@ def measure_parity(
                         if probe is not None:
                             s, tx, ty = probe
                             theta = theta * s + torch.tensor([[0.0, 0.0, tx], [0.0, 0.0, ty]])
-                        outside.setdefault(kind, []).extend(_outside_fraction(theta, input_shape, align_corners).tolist())
+                        outside.setdefault(kind, []).extend(
+                            _outside_fraction(theta, input_shape, align_corners).tolist()
+                        )
                 bar.update(len(x))
     finally:
         bar.close()
@@ -238,7 +247,9 @@ def _diff(values: np.ndarray) -> OutputDiff:
 
 def parity_verdict(stats: ParityStats, tolerance: float = MAX_ABS_DIFF) -> tuple[bool, str, dict]:
     """The parity bar on every compared output, and identical top-1."""
-    failures = [f"{name} max |Δ| {d.max_abs:.3g} > {tolerance:g}" for name, d in stats.outputs.items() if d.max_abs > tolerance]
+    failures = [
+        f"{name} max |Δ| {d.max_abs:.3g} > {tolerance:g}" for name, d in stats.outputs.items() if d.max_abs > tolerance
+    ]
     if stats.top1_agreement < 1.0:
         failures.append(f"top-1 agreement {stats.top1_agreement:.4%} < 100%")
     kinds = ", ".join(f"{k} {v}" for k, v in stats.inputs_by_kind.items())

@@ -127,6 +127,7 @@ class ExportReport:
                 f"  {label}: max |Δ log-prob| {stats.max_abs_diff:.3g}, mean {stats.mean_abs_diff:.3g}, "
                 f"top-1 agreement {stats.top1_agreement:.2%} on {stats.n_inputs} inputs ({kinds})"
             )
+            lines.extend(f"    note: {note}" for note in stats.notes)
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
         lines.append(f"  ops: {ops}")
         return "\n".join(lines)

@@ -86,7 +86,11 @@ class ExportSource:
         if self.checkpoint is not None:
             if self.checkpoint.config.arch != "stn":
                 return None
-            last = max(int(k.split(".")[1]) for k in self.checkpoint.state_dict if k.startswith("fc_loc.") and k.endswith(".weight"))
+            last = max(
+                int(k.split(".")[1])
+                for k in self.checkpoint.state_dict
+                if k.startswith("fc_loc.") and k.endswith(".weight")
+            )
             return ThetaHead(f"model.fc_loc.{last}.weight", f"model.fc_loc.{last}.bias")
         return find_theta_head(self.archive)
 
@@ -165,7 +169,9 @@ def load_source(
     )
 
 
-def _load_archive(path: Path, preprocessing: Preprocessing | dict | None, class_names: list[str] | None) -> ExportSource:
+def _load_archive(
+    path: Path, preprocessing: Preprocessing | dict | None, class_names: list[str] | None
+) -> ExportSource:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
@@ -269,8 +275,11 @@ def _no_code_from_pickles():
     def refuse(*args, **kwargs):
         raise _PickleRefused("the archive holds pickled Python objects; unpickling them could run code")
 
-    with mock.patch.object(torch, "load", safe_load), mock.patch.object(pickle, "loads", refuse), \
-            mock.patch.object(torch._C, "_pickle_load_obj", refuse):
+    with (
+        mock.patch.object(torch, "load", safe_load),
+        mock.patch.object(pickle, "loads", refuse),
+        mock.patch.object(torch._C, "_pickle_load_obj", refuse),
+    ):
         yield
 
 

@@ -53,8 +53,12 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("ort", 20, 20, 21, False, "GridSample-20 at opset 20: ONNX Runtime CPU (default)"),
-        Target("cuda", 18, 16, 19, False, "GridSample-16 (bilinear) at opset 16-19: the form ONNX Runtime's CUDA EP runs"),
-        Target("portable", 17, 16, 17, True, "no GridSample/AffineGrid: bilinear sampling from standard ops, opset <= 17"),
+        Target(
+            "cuda", 18, 16, 19, False, "GridSample-16 (bilinear) at opset 16-19: the form ONNX Runtime's CUDA EP runs"
+        ),
+        Target(
+            "portable", 17, 16, 17, True, "no GridSample/AffineGrid: bilinear sampling from standard ops, opset <= 17"
+        ),
     )
 }
 

@@ -44,8 +44,9 @@ def target_exports(extreme_theta_checkpoint_path, tmp_path_factory):
     reports = {}
     for target in ("ort", "cuda", "portable"):
         extra = {"with_theta": True, "with_warped": True} if target == "portable" else {}
-        reports[target] = _export(extreme_theta_checkpoint_path, out / f"stn.{target}.onnx", target=target,
-                                  parity_samples=128, **extra)
+        reports[target] = _export(
+            extreme_theta_checkpoint_path, out / f"stn.{target}.onnx", target=target, parity_samples=128, **extra
+        )
     return reports
 
 
@@ -158,8 +159,8 @@ def test_cli_json_report_and_dataset_samples(tmp_path):
 def test_cli_table_mnist_shaped_optimized(mnist_checkpoint_path, tmp_path):
     out = tmp_path / "mnist.onnx"
     result = CliRunner().invoke(
-        stn_export, [str(mnist_checkpoint_path), "-o", str(out), "--target", "cuda", "--optimize",
-                     "--parity-samples", "64", "-q"],
+        stn_export,
+        [str(mnist_checkpoint_path), "-o", str(out), "--target", "cuda", "--optimize", "--parity-samples", "64", "-q"],
     )
     assert result.exit_code == 0, result.output
     for name in CHECK_NAMES + ["optimized_" + n for n in CHECK_NAMES]:
@@ -190,9 +191,13 @@ class PlateReader(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.where = nn.Sequential(nn.Conv2d(1, 4, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 16), nn.Tanh())
+        self.where = nn.Sequential(
+            nn.Conv2d(1, 4, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 16), nn.Tanh()
+        )
         self.pose = nn.Linear(16, 6)
-        self.what = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 11 * 11, 5))
+        self.what = nn.Sequential(
+            nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 11 * 11, 5)
+        )
         with torch.no_grad():
             self.pose.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1.0, 0]))
 
@@ -215,9 +220,26 @@ def test_pt2_bring_your_own_model(archive_path, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("A\nB\nC\nD\nE\n")
     out = tmp_path / "plates.onnx"
-    result = CliRunner().invoke(stn_export, [str(archive_path), "-o", str(out), "--target", "portable", "--mean", "0.2",
-                                             "--std", "0.3", "--class-names", str(names), "--json", "-q",
-                                             "--parity-samples", "64"])
+    result = CliRunner().invoke(
+        stn_export,
+        [
+            str(archive_path),
+            "-o",
+            str(out),
+            "--target",
+            "portable",
+            "--mean",
+            "0.2",
+            "--std",
+            "0.3",
+            "--class-names",
+            str(names),
+            "--json",
+            "-q",
+            "--parity-samples",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] and report["parity"]["max_abs_diff"] <= 1e-4
@@ -260,7 +282,9 @@ def _hostile_pt2(archive: Path, path: Path, marker: Path) -> Path:
     return path
 
 
-def _bad_sources(tmp_path: Path, checkpoint_path: Path, archive_path: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+def _bad_sources(
+    tmp_path: Path, checkpoint_path: Path, archive_path: Path, marker: Path
+) -> dict[str, tuple[Path, str]]:
     not_ckpt = tmp_path / "notes.pt"
     not_ckpt.write_text("these are not weights")
     hostile = tmp_path / "hostile.pt"
@@ -301,8 +325,21 @@ def test_cli_help_and_default_output_names(tmp_path):
 
     result = CliRunner().invoke(stn_export, ["--help"])
     assert result.exit_code == 0
-    for flag in ("--target", "--opset", "--with-theta", "--with-warped", "--optimize", "--parity-samples", "--json",
-                 "--image-size", "--mean", "--std", "--channels", "--class-names", "--data-dir"):
+    for flag in (
+        "--target",
+        "--opset",
+        "--with-theta",
+        "--with-warped",
+        "--optimize",
+        "--parity-samples",
+        "--json",
+        "--image-size",
+        "--mean",
+        "--std",
+        "--channels",
+        "--class-names",
+        "--data-dir",
+    ):
         assert flag in result.output
     assert default_output(Path("m/stn.pt"), "ort") == Path("m/stn.onnx")
     assert default_output(Path("m/stn.pt"), "cuda") == Path("m/stn.cuda.onnx")
