@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..cli import report_errors, to_json
+from ..errors import ExportCheckError
 from .targets import TARGETS
 
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
@@ -148,20 +149,25 @@ def main(
 
     # The fp32 export: written, checked and moved into place by export_model. Post-processing
     # steps (quantization, fp16) start from this verified file.
-    report = export_model(
-        model,
-        output,
-        target=target,
-        opset=opset,
-        with_theta=with_theta,
-        with_warped=with_warped,
-        optimize=optimize,
-        parity_samples=parity_samples,
-        preprocessing=pre_overrides or None,
-        class_names=parse_class_names(class_names),
-        data_dir=data_dir,
-        progress=not quiet,
-    )
+    try:
+        report = export_model(
+            model,
+            output,
+            target=target,
+            opset=opset,
+            with_theta=with_theta,
+            with_warped=with_warped,
+            optimize=optimize,
+            parity_samples=parity_samples,
+            preprocessing=pre_overrides or None,
+            class_names=parse_class_names(class_names),
+            data_dir=data_dir,
+            progress=not quiet,
+        )
+    except ExportCheckError as exc:
+        if as_json and getattr(exc, "report", None) is not None:
+            click.echo(to_json(exc.report.to_dict()))  # the failed report on stdout, the one-line error on stderr
+        raise
 
     if as_json:
         click.echo(to_json(report.to_dict()))

@@ -106,14 +106,16 @@ def export_model(
     with atomic_path(output) as tmp:
         onnx.save(model, tmp)
         report.parity = _verify(tmp, model, tgt, input_spec, output_specs, theta_head, parity_kwargs, report.checks, "")
-        _raise_on_failure(report.checks, output)
+        _raise_on_failure(report)
         if optimize:
+            before = op_counts(model)
             _optimize(tmp, model)
             model = onnx.load(str(tmp))
+            report.checks.append(_optimization_summary(before, op_counts(model)))
             report.optimized_parity = _verify(
                 tmp, model, tgt, input_spec, output_specs, theta_head, parity_kwargs, report.checks, "optimized_"
             )
-            _raise_on_failure(report.checks, output)
+            _raise_on_failure(report)
         report.op_counts = op_counts(model)
         report.metadata = {p.key: p.value for p in model.metadata_props}
     report.seconds = time.perf_counter() - started
@@ -293,10 +295,13 @@ def _verify(
     return stats_box[0] if stats_box else None
 
 
-def _raise_on_failure(results: list[CheckResult], output: Path) -> None:
-    for r in results:
+def _raise_on_failure(report: ExportReport) -> None:
+    """The first failed check as a one-line :class:`ExportCheckError` carrying the report (``.report``)."""
+    for r in report.checks:
         if not r.passed:
-            raise ExportCheckError(f"{output}: check '{r.name}' failed: {r.message} (no file written)")
+            error = ExportCheckError(f"{report.output}: check '{r.name}' failed: {r.message} (no file written)")
+            error.report = report
+            raise error
 
 
 def _optimize(path: Path, model: onnx.ModelProto) -> None:
@@ -329,6 +334,22 @@ def _optimize(path: Path, model: onnx.ModelProto) -> None:
         onnx.save(result, str(path))
     finally:
         optimized.unlink(missing_ok=True)
+
+
+def _optimization_summary(before: dict[str, int], after: dict[str, int]) -> CheckResult:
+    """What the offline optimization changed (informational: it passes; the checks after it judge)."""
+    changed = {
+        op: (before.get(op, 0), after.get(op, 0))
+        for op in sorted(set(before) | set(after))
+        if before.get(op, 0) != after.get(op, 0)
+    }
+    n_before, n_after = sum(before.values()), sum(after.values())
+    if changed:
+        what = ", ".join(f"{op} {a}->{b}" for op, (a, b) in changed.items())
+    else:
+        what = "no operator changed (the exporter's own optimizer had already run)"
+    message = f"ONNX Runtime BASIC: {n_before} -> {n_after} nodes; {what}"
+    return CheckResult("optimize", True, message, {"before": before, "after": after})
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -179,10 +179,21 @@ def test_failed_check_leaves_no_file(checkpoint_path, tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter, "parity_verdict", lambda stats: parity.parity_verdict(stats, tolerance=0.0))
     out = tmp_path / "out" / "stn.onnx"
-    with pytest.raises(ExportCheckError, match=r"check 'parity' failed: log_probs max \|Δ\|"):
+    with pytest.raises(ExportCheckError, match=r"check 'parity' failed: log_probs max \|Δ\|") as caught:
         _export(checkpoint_path, out, parity_samples=8)
+    assert not caught.value.report.passed
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no temporary file left either
+    # The CLI: exit 1, the failed report as JSON on stdout, one error line on stderr.
+    result = CliRunner().invoke(
+        stn_export, [str(checkpoint_path), "-o", str(out), "--json", "-q", "--parity-samples", "8"]
+    )
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["parity"]
+    assert result.stderr.strip().splitlines() == [f"Error: {caught.value}"]
+    assert list(out.parent.iterdir()) == []
 
 
 # -- bring your own model (.pt2) ---------------------------------------------------------------
