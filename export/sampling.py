@@ -38,7 +38,7 @@ def portable_grid_sample(x: Tensor, grid: Tensor, align_corners: bool) -> Tensor
     wx0 = 1 - wx1
     wy0 = 1 - wy1
     flat = x.reshape(n, c, h * w)
-    out = torch.zeros((n, c, ho * wo), dtype=x.dtype, device=x.device)
+    out: Tensor | None = None
     for dx, dy, weight in ((0, 0, wx0 * wy0), (1, 0, wx1 * wy0), (0, 1, wx0 * wy1), (1, 1, wx1 * wy1)):
         xi = x0 + dx
         yi = y0 + dy
@@ -47,7 +47,8 @@ def portable_grid_sample(x: Tensor, grid: Tensor, align_corners: bool) -> Tensor
         index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).to(torch.int64).reshape(n, 1, ho * wo)
         values = torch.gather(flat, 2, index.expand(n, c, ho * wo))
         weight = torch.where(inside, weight, torch.zeros_like(weight)).reshape(n, 1, ho * wo)
-        out = out + values * weight
+        term = values * weight
+        out = term if out is None else out + term
     return out.reshape(n, c, ho, wo)
 
 

@@ -69,12 +69,6 @@ class ExportSource:
     checkpoint: Checkpoint | None = None
     archive: Any = None  # torch.export.ExportedProgram for .pt2 sources
 
-    @property
-    def has_transformer(self) -> bool:
-        if self.checkpoint is not None:
-            return self.checkpoint.config.arch == "stn"
-        return True  # an archive is accepted only if it calls grid_sample (checked on load)
-
     def theta_head(self):
         """The Linear layer that outputs θ, by parameter name (None for a model without one).
 
