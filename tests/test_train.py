@@ -1,0 +1,164 @@
+"""stn-train end to end on tiny real runs: JSON summary, checkpoint, resume, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from stn_deploy.checkpoint import load_checkpoint
+from stn_deploy.train.cli import main
+from stn_deploy.train.trainer import TrainConfig, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A small image folder: bright squares vs crosses at random positions (learnable quickly)."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for name in ("cross", "square"):
+        (root / name).mkdir()
+        for i in range(30):
+            img = np.zeros((32, 32, 3), np.uint8)
+            r, c = rng.integers(4, 20, 2)
+            if name == "square":
+                img[r : r + 9, c : c + 9] = 255
+            else:
+                img[r + 4, c : c + 9] = 255
+                img[r : r + 9, c + 4] = 255
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def _run(args):
+    result = CliRunner().invoke(main, [*args, "--no-progress"], catch_exceptions=False)
+    return result
+
+
+def test_cli_trains_writes_checkpoint_json_and_resumes(tmp_path, shapes):
+    out = tmp_path / "model.pt"
+    result = _run(["--dataset", shapes, "--epochs", "2", "--batch-size", "16", "--output", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == 2 and summary["arch"] == "stn" and summary["dataset"] == shapes
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["test_error"] == pytest.approx(1 - summary["test_accuracy"])
+    assert summary["seconds"] > 0 and summary["output"] == str(out)
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert "epoch   2/2" in result.stderr and "test acc" in result.stderr
+
+    ckpt = load_checkpoint(out)
+    assert ckpt.class_names == ["cross", "square"]
+    assert ckpt.dataset == shapes
+    assert ckpt.metrics["test_accuracy"] == summary["test_accuracy"]
+    assert ckpt.metrics["best_epoch"] == summary["best_epoch"]
+    assert ckpt.train_state["epoch"] == 2
+    model = ckpt.build_model()
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+    resumed = _run(["--resume", str(out), "--epochs", "3", "--output", str(out), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    summary3 = json.loads(resumed.stdout)
+    assert summary3["epochs"] == 3
+    assert [h["epoch"] for h in summary3["history"]] == [1, 2, 3]
+    assert summary3["history"][:2] == summary["history"]  # the first two epochs are kept, not redone
+    assert load_checkpoint(out).train_state["epoch"] == 3
+
+    clash = _run(["--resume", str(out), "--epochs", "4", "--arch", "cnn", "--output", str(out)])
+    assert clash.exit_code != 0
+    assert "different recipe" in clash.stderr and len(clash.stderr.strip().splitlines()) == 1
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, shapes):
+    common = TrainConfig(dataset=shapes, epochs=3, batch_size=16, seed=3)
+    full = train(TrainConfig(**{**common.__dict__, "output": tmp_path / "full.pt"}), progress=False)
+    # "interrupt" after epoch 2 by copying the checkpoint of an identical run at that point
+    part = tmp_path / "part.pt"
+    cfg = TrainConfig(**{**common.__dict__, "output": part})
+    import stn_deploy.train.trainer as trainer
+
+    original = trainer.save_checkpoint
+    calls = []
+
+    def save_then_stop(ckpt, path):
+        original(ckpt, path)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    trainer.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        trainer.save_checkpoint = original
+    assert load_checkpoint(part).train_state["epoch"] == 2
+    resumed = train(cfg, resume=part, progress=False)
+    a = load_checkpoint(tmp_path / "full.pt").train_state["last_state_dict"]
+    b = load_checkpoint(part).train_state["last_state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert resumed.test_accuracy == full.test_accuracy
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, shapes):
+    def weights(seed, name):
+        train(TrainConfig(dataset=shapes, epochs=1, batch_size=16, seed=seed, output=tmp_path / name), progress=False)
+        return load_checkpoint(tmp_path / name).train_state["last_state_dict"]
+
+    a, b, c = weights(0, "a.pt"), weights(0, "b.pt"), weights(1, "c.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_digits_run_with_visualization(tmp_path):
+    out, png = tmp_path / "digits.pt", tmp_path / "warps.png"
+    result = _run(["--epochs", "1", "--batch-size", "128", "--output", str(out), "--visualize", str(png), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["dataset"] == "digits" and summary["visualization"] == str(png)
+    ckpt = load_checkpoint(out)
+    assert ckpt.preprocessing.input_shape == (3, 32, 32)
+    assert ckpt.metrics["test_images"] >= 0.2 * 1797
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 2 * 8 * 32 and im.height > 4 * 32
+
+
+def test_bad_resume_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    result = _run(["--resume", str(bad)])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and str(bad) in lines[0]
+    missing = _run(["--resume", str(tmp_path / "nope.pt")])
+    assert missing.exit_code != 0 and "no such file" in missing.stderr
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path):
+    result = _run(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--output", str(tmp_path / "m.pt")])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cifar10 not found under {tmp_path / 'cifar-10-batches-py'}; pass --download (or --data-dir DIR)"
+    ]
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_help_lists_the_flags():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for flag in ("--dataset", "--epochs", "--batch-size", "--lr", "--optimizer", "--seed", "--device", "--arch",
+                 "--output", "--resume", "--json", "--visualize", "--data-dir", "--download"):
+        assert flag in result.output
+
+
+def test_lr_schedule_warms_up_then_decays():
+    peak, total = 1e-3, 100
+    lrs = [lr_at(s, total, peak, 0.1) for s in range(total)]
+    assert lrs[0] < 0.1 * peak and max(lrs) == pytest.approx(peak) and lrs[-1] < 0.01 * peak
+    assert np.argmax(lrs) == 10
