@@ -48,8 +48,10 @@ class InferUsageError(StnDeployError):
 
 # -- the pipeline --------------------------------------------------------------------------------
 def default_decode_workers() -> int:
-    """One decode worker per two cores, at least one: ONNX Runtime's threads take the rest."""
-    return max(1, (os.cpu_count() or 1) // 2)
+    """One decode thread per core (at most 4). Measured on 2 cores (benchmarks/infer_throughput.py):
+    2 decode threads with non-spinning ONNX Runtime threads kept the pipeline closest to
+    model-only speed; the threads mostly wait on the GIL or sleep, so they cost little."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def iter_decoded(
@@ -344,8 +346,9 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--provider", "-p", type=click.Choice(PROVIDERS), default="auto", show_default=True, help="Execution provider; auto = TensorRT, else CUDA, else CPU.")
 @click.option("--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt.")
 @click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core).")
-@click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per two cores, at least 1).")
+@click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (PIL releases the GIL) or processes.")
+@click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1), help="Refuse images with more pixels than this (decompression-bomb guard).")
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
 @click.option("--trt-engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT: engine/timing cache directory.")
@@ -367,6 +370,7 @@ def main(
     threads: int | None,
     decode_workers: int | None,
     decode_pool: str,
+    ort_spin: bool,
     max_pixels: int,
     trt_fp16: bool,
     trt_engine_cache: Path | None,
@@ -391,6 +395,7 @@ def main(
         trt_fp16=trt_fp16,
         trt_engine_cache=trt_engine_cache,
         trt_max_batch=batch_size,
+        spin=ort_spin,
         warmup=1,
         warmup_batch=min(batch_size, len(listing.files)),
     )
@@ -437,6 +442,7 @@ def main(
                     "batch_size": batch_size,
                     "decode_workers": decode_workers or default_decode_workers(),
                     "decode_pool": decode_pool,
+                    "ort_spin": ort_spin,
                     "session": session.describe(),
                     "placement": {k: v for k, v in placement.to_dict().items() if k != "nodes"},
                     "errors": summary.errors,
