@@ -1,0 +1,274 @@
+"""Exact-math graph rewrites that make the exported STN cheaper to run, in fp32 and int8 alike.
+
+Each rewrite changes how a result is computed, never what it is (up to float summation order):
+
+``relu_before_maxpool``
+    ``Conv → MaxPool → Relu`` becomes ``Conv → Relu → MaxPool``. ReLU is monotonic, so
+    ``relu(max(a, b)) == max(relu(a), relu(b))`` exactly. ONNX Runtime then fuses Conv+ReLU (fp32)
+    and a quantized Conv's output clamp absorbs the ReLU (int8).
+``affine_grid_as_matmul``
+    The exporter builds the affine grid as ``ReduceSum(base[HW,3,1] * θᵀ[N,1,3,2], axis=-2)``: a
+    [N, H·W, 3, 2] temporary for a 3-term dot product per grid point (about a quarter of the fp32
+    run time of the reference model at batch 256). ``MatMul(base[HW,3], θᵀ[N,3,2])`` computes the
+    same sums without the temporary.
+``crop_unpooled_conv_input``
+    A valid stride-1 Conv followed by [Relu and] a floor-mode MaxPool with stride s never has its
+    last ``H_out mod s`` output rows/columns read. Slicing the Conv's *input* to the rows the pool
+    reads skips computing them (the localization network's second conv: 9×9 → 8×8 outputs, 21%
+    of its multiply-adds).
+
+``pad_conv_input_channels`` (not part of :func:`rewrite_exact`) zero-pads a Conv's input
+channels to a multiple of 4, the layout ONNX Runtime's symmetric int8 conv kernel requires.
+
+All functions edit an ``onnx.ModelProto`` in place and return how many places they changed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx import numpy_helper as nh
+
+
+# -- graph plumbing ------------------------------------------------------------------------------
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
+    kept = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so every input is produced before it is read (stable for sorted graphs)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+                pending.remove(node)
+                break
+        else:
+            raise ValueError("graph has a cycle or an input nobody produces")
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _initializer(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    for t in graph.initializer:
+        if t.name == name:
+            return nh.to_array(t)
+    return None
+
+
+def _unique(graph: onnx.GraphProto, base: str) -> str:
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+# -- rewrites ------------------------------------------------------------------------------------
+def relu_before_maxpool(model: onnx.ModelProto) -> int:
+    """``MaxPool → Relu`` → ``Relu → MaxPool`` (exact: ReLU is monotonic)."""
+    graph = model.graph
+    producers, consumers = _producers(graph), _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    stale: set[str] = set()
+    count = 0
+    for relu in list(graph.node):
+        if relu.op_type != "Relu":
+            continue
+        pool = producers.get(relu.input[0])
+        if pool is None or pool.op_type != "MaxPool" or len(pool.output) != 1:
+            continue
+        pooled = pool.output[0]
+        if len(consumers.get(pooled, [])) != 1 or pooled in graph_outputs:
+            continue
+        source, result = pool.input[0], relu.output[0]
+        rectified = _unique(graph, f"{source}_relu")
+        relu.input[0], relu.output[0] = source, rectified
+        pool.input[0], pool.output[0] = rectified, result
+        stale.add(pooled)
+        count += 1
+    if count:
+        _drop_value_info(graph, stale)
+        toposort(graph)
+    return count
+
+
+def affine_grid_as_matmul(model: onnx.ModelProto) -> int:
+    """``ReduceSum(Mul(base[HW,3,1], Unsqueeze(θᵀ)), axes=[-2])`` → ``MatMul(base[HW,3], θᵀ)``."""
+    graph = model.graph
+    producers, consumers = _producers(graph), _consumers(graph)
+    count = 0
+    for reduce in list(graph.node):
+        if reduce.op_type != "ReduceSum" or _attr(reduce, "keepdims", 1) != 0 or len(reduce.input) < 2:
+            continue
+        axes = _initializer(graph, reduce.input[1])
+        mul = producers.get(reduce.input[0])
+        if axes is None or axes.tolist() not in ([-2], [2]) or mul is None or mul.op_type != "Mul":
+            continue
+        constant = [(i, _initializer(graph, name)) for i, name in enumerate(mul.input)]
+        bases = [(i, a) for i, a in constant if a is not None]
+        if len(bases) != 1:
+            continue
+        base_index, base = bases[0]
+        if base.ndim != 3 or base.shape[1:] != (3, 1):
+            continue
+        unsqueeze = producers.get(mul.input[1 - base_index])
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) < 2:
+            continue
+        unsq_axes = _initializer(graph, unsqueeze.input[1])
+        if unsq_axes is None or unsq_axes.tolist() != [1]:
+            continue
+        matrix = _unique(graph, f"{mul.input[base_index]}_matrix")
+        graph.initializer.append(nh.from_array(np.ascontiguousarray(base[:, :, 0]), matrix))
+        matmul = helper.make_node("MatMul", [matrix, unsqueeze.input[0]], [reduce.output[0]], name=f"{reduce.name}_as_matmul")
+        graph.node.insert(list(graph.node).index(reduce), matmul)
+        graph.node.remove(reduce)
+        graph.node.remove(mul)
+        stale = {mul.output[0]}
+        if len(consumers.get(unsqueeze.output[0], [])) == 1:
+            graph.node.remove(unsqueeze)
+            stale.add(unsqueeze.output[0])
+        _drop_value_info(graph, stale)
+        count += 1
+    if count:
+        _drop_unused_initializers(graph)
+        toposort(graph)
+    return count
+
+
+def static_chw(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of every 4-D tensor whose non-batch dims shape inference can pin down."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims[1:])  # type: ignore[assignment]
+    return shapes
+
+
+def crop_unpooled_conv_input(model: onnx.ModelProto) -> int:
+    """Slice a Conv's input so it computes only the output rows/cols the following MaxPool reads."""
+    graph = model.graph
+    consumers = _consumers(graph)
+    shapes = static_chw(model)
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[0] not in shapes:
+            continue
+        weight = _initializer(graph, conv.input[1])
+        if weight is None or weight.ndim != 4:
+            continue
+        if (
+            any(_attr(conv, "pads", [0, 0, 0, 0]))
+            or any(v != 1 for v in _attr(conv, "strides", [1, 1]))
+            or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
+            or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+        ):
+            continue
+        chain = [conv]
+        nxt = consumers.get(conv.output[0], [])
+        if len(nxt) == 1 and nxt[0].op_type == "Relu":
+            chain.append(nxt[0])
+            nxt = consumers.get(nxt[0].output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "MaxPool":
+            continue
+        pool = nxt[0]
+        kernel, strides = _attr(pool, "kernel_shape"), _attr(pool, "strides", [1, 1])
+        if _attr(pool, "ceil_mode", 0) or any(_attr(pool, "pads", [0, 0, 0, 0])) or any(v != 1 for v in _attr(pool, "dilations", [1, 1])):
+            continue
+        if _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            continue
+        _, height, width = shapes[conv.input[0]]
+        kh, kw = weight.shape[2:]
+        out_h, out_w = height - kh + 1, width - kw + 1
+        read_h = (out_h - kernel[0]) // strides[0] * strides[0] + kernel[0]
+        read_w = (out_w - kernel[1]) // strides[1] * strides[1] + kernel[1]
+        if (read_h, read_w) == (out_h, out_w) or read_h <= 0 or read_w <= 0:
+            continue
+        in_h, in_w = read_h + kh - 1, read_w + kw - 1
+        names = [_unique(graph, f"{conv.name}_crop_{part}") for part in ("starts", "ends", "axes")]
+        for name, value in zip(names, ([0, 0], [in_h, in_w], [2, 3])):
+            graph.initializer.append(nh.from_array(np.asarray(value, dtype=np.int64), name))
+        cropped = _unique(graph, f"{conv.input[0]}_crop{in_h}x{in_w}")
+        crop = helper.make_node("Slice", [conv.input[0], *names], [cropped], name=f"{conv.name}_crop")
+        graph.node.insert(list(graph.node).index(conv), crop)
+        conv.input[0] = cropped
+        _drop_value_info(graph, {n.output[0] for n in chain})
+        count += 1
+    if count:
+        toposort(graph)
+    return count
+
+
+def pad_conv_input_channels(model: onnx.ModelProto, multiple: int = 4, nodes: set[str] | None = None) -> int:
+    """Zero-pad the input channels (and weights) of Convs whose C_in is not a multiple of ``multiple``."""
+    graph = model.graph
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or (nodes is not None and conv.name not in nodes) or _attr(conv, "group", 1) != 1:
+            continue
+        weight = _initializer(graph, conv.input[1])
+        if weight is None or weight.shape[1] % multiple == 0:
+            continue
+        extra = multiple - weight.shape[1] % multiple
+        padded_w = np.concatenate([weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], axis=1)
+        w_name = _unique(graph, f"{conv.input[1]}_padded")
+        graph.initializer.append(nh.from_array(padded_w, w_name))
+        pads = np.zeros(2 * weight.ndim, dtype=np.int64)
+        pads[weight.ndim + 1] = extra
+        p_name = _unique(graph, f"{conv.name}_channel_pads")
+        graph.initializer.append(nh.from_array(pads, p_name))
+        padded = _unique(graph, f"{conv.input[0]}_padded{weight.shape[1] + extra}ch")
+        pad = helper.make_node("Pad", [conv.input[0], p_name], [padded], name=f"{conv.name}_pad_channels", mode="constant")
+        graph.node.insert(list(graph.node).index(conv), pad)
+        conv.input[0], conv.input[1] = padded, w_name
+        count += 1
+    if count:
+        _drop_unused_initializers(graph)
+        toposort(graph)
+    return count
+
+
+REWRITES = {
+    "relu_before_maxpool": relu_before_maxpool,
+    "affine_grid_as_matmul": affine_grid_as_matmul,
+    "crop_unpooled_conv_input": crop_unpooled_conv_input,
+}
+
+
+def rewrite_exact(model: onnx.ModelProto) -> dict[str, int]:
+    """Apply every exact rewrite in order; returns ``{rewrite name: places changed}``."""
+    return {name: fn(model) for name, fn in REWRITES.items()}

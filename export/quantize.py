@@ -1,0 +1,448 @@
+"""int8: ONNX Runtime static quantization of a verified fp32 export, behind an accuracy gate.
+
+    >>> from stn_deploy.export.quantize import quantize_int8, load_calibration
+    >>> cal = load_calibration("digits", preprocessing, split="train")            # doctest: +SKIP
+    >>> ev = load_calibration("digits", preprocessing, split="test")              # doctest: +SKIP
+    >>> report = quantize_int8("stn.onnx", "stn.int8.onnx", cal.images,
+    ...                        eval_images=ev.images, eval_labels=ev.labels)        # doctest: +SKIP
+    >>> report.accuracy_drop                                                       # doctest: +SKIP
+
+The default configuration, :data:`FAST_CPU`, is the one that makes int8 *faster* than fp32 on an
+AVX2 CPU without VNNI (benchmarks/INT8.md has the measurements and the reasons):
+
+* the fp32 graph first gets the exact rewrites of :mod:`.graph_rewrites` (ReLU before MaxPool,
+  the affine grid as one MatMul, the unread conv rows cropped);
+* QDQ format, **uint8 activations with symmetric int8 per-channel weights** (U8S8): the only
+  combination for which MLAS on AVX2 has its symmetric indirect-conv kernel (``vpmaddubsw``);
+* ``reduce_range``: 7-bit weights, so ``vpmaddubsw``'s int16 pair sums cannot saturate
+  (255·63·2 < 32767); without it the 3-channel convs lose accuracy;
+* only Conv, Gemm, MaxPool, Relu, Reshape and Slice are quantized; the θ head's last Gemm, the
+  affine-grid math and GridSample stay fp32 (a sampling-coordinate error moves pixels);
+* ONNX Runtime's graph optimization at ``all``, where the QDQ pairs fold into QLinearConv /
+  QGemm and the conv chain runs in NHWC uint8 end to end.
+
+The int8 model keeps the fp32 model's metadata, with ``stn_deploy.precision`` set to ``int8`` and
+the configuration and accuracy recorded under ``stn_deploy.quantization``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .. import metadata as md
+from ..errors import DatasetError, ExportCheckError, ModelFileError, StnDeployError
+from ..fileio import atomic_path
+from ..preprocessing import Preprocessing
+from . import graph_rewrites
+
+QUANTIZATION = "stn_deploy.quantization"  # metadata key: JSON {config, accuracy, ...}
+DEFAULT_MAX_ACCURACY_DROP = 0.5  # top-1 points
+DEFAULT_CALIBRATION_SAMPLES = 512
+DEFAULT_EVAL_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """How ONNX Runtime's ``quantize_static`` is called. :data:`FAST_CPU` is the default."""
+
+    name: str = "fast-cpu"
+    quant_format: str = "QDQ"  # QDQ | QOperator
+    activation_type: str = "uint8"  # uint8 | int8
+    weight_type: str = "int8"  # int8 | uint8
+    per_channel: bool = True
+    reduce_range: bool = True
+    calibrate_method: str = "MinMax"  # MinMax | Entropy | Percentile
+    # None: onnxruntime's default list (every op it can quantize).
+    op_types: tuple[str, ...] | None = ("Conv", "Gemm", "MaxPool", "Relu", "Reshape", "Slice")
+    keep_theta_fp32: bool = True  # θ head's last Gemm, the affine grid and the sampler stay fp32
+    exact_rewrites: bool = True  # graph_rewrites.rewrite_exact before quantizing
+    pre_process: bool = True  # onnxruntime.quantization.shape_inference.quant_pre_process
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["op_types"] = list(self.op_types) if self.op_types is not None else None
+        return d
+
+
+FAST_CPU = Int8Config()
+# What quantize_static does when given nothing but a model and a reader (for comparison).
+ORT_DEFAULT = Int8Config(
+    name="ort-default-qdq", activation_type="int8", weight_type="int8", per_channel=False,
+    reduce_range=False, op_types=None, keep_theta_fp32=False, exact_rewrites=False, pre_process=False,
+)
+CONFIGS = {c.name: c for c in (FAST_CPU, ORT_DEFAULT)}
+
+
+@dataclass
+class QuantizationReport:
+    """int8 against fp32 on labelled evaluation images (or agreement only, without labels)."""
+
+    source: Path
+    output: Path
+    config: dict[str, Any]
+    calibration_samples: int
+    eval_samples: int
+    fp32_accuracy: float | None  # top-1, percent
+    int8_accuracy: float | None
+    top1_agreement: float  # percent of eval inputs with the same arg-max in both models
+    max_abs_diff: float  # max |Δ log-prob|
+    max_accuracy_drop: float | None
+    written: bool = False
+    rewrites: dict[str, int] = field(default_factory=dict)
+    excluded_nodes: list[str] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def labelled(self) -> bool:
+        return self.fp32_accuracy is not None
+
+    @property
+    def accuracy_drop(self) -> float:
+        """fp32 minus int8 top-1 in points; without labels, the disagreement (an upper bound)."""
+        if self.labelled:
+            return float(self.fp32_accuracy - self.int8_accuracy)  # type: ignore[operator]
+        return float(100.0 - self.top1_agreement)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_accuracy_drop is None or self.accuracy_drop <= self.max_accuracy_drop + 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source),
+            "output": str(self.output),
+            "written": self.written,
+            "config": self.config,
+            "calibration_samples": self.calibration_samples,
+            "eval_samples": self.eval_samples,
+            "fp32_accuracy": self.fp32_accuracy,
+            "int8_accuracy": self.int8_accuracy,
+            "accuracy_drop": self.accuracy_drop,
+            "accuracy_drop_measure": "top-1 points" if self.labelled else "disagreement with fp32 (no labels)",
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "passed": self.passed,
+            "top1_agreement": self.top1_agreement,
+            "max_abs_diff": self.max_abs_diff,
+            "rewrites": self.rewrites,
+            "excluded_nodes": self.excluded_nodes,
+            "op_counts": self.op_counts,
+            "seconds": round(self.seconds, 2),
+        }
+
+    def format_table(self) -> str:
+        acc = (
+            f"top-1 fp32 {self.fp32_accuracy:.2f}% -> int8 {self.int8_accuracy:.2f}% "
+            f"(drop {self.accuracy_drop:+.2f} points"
+            if self.labelled
+            else f"no labels: disagreement with fp32 {self.accuracy_drop:.2f}% (used as the drop"
+        )
+        limit = "no limit" if self.max_accuracy_drop is None else f"limit {self.max_accuracy_drop:.2f}"
+        lines = [
+            f"int8 ({self.config['name']}): {self.source} -> {self.output}",
+            f"  {acc}, {limit}) on {self.eval_samples} images; calibrated on {self.calibration_samples}",
+            f"  top-1 agreement {self.top1_agreement:.2f}%, max |Δ log-prob| {self.max_abs_diff:.3g}",
+            f"  {self.config['quant_format']} {self.config['activation_type']} activations / "
+            f"{self.config['weight_type']} weights, per_channel={self.config['per_channel']}, "
+            f"reduce_range={self.config['reduce_range']}; fp32 kept: {', '.join(self.excluded_nodes) or 'none'}",
+        ]
+        return "\n".join(lines)
+
+
+# -- calibration data ------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    """Preprocessed images [N, C, H, W] float32, labels [N] int64 or None, and where they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+
+def load_calibration(
+    spec: str | os.PathLike[str],
+    preprocessing: Preprocessing,
+    *,
+    n: int = DEFAULT_CALIBRATION_SAMPLES,
+    split: str = "train",
+    class_names: list[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> Samples:
+    """Images from a dataset name (``digits``, ``cifar10``, ...; its ``split``) or an image directory.
+
+    A directory is decoded with the model's own :class:`Preprocessing`; when its sub-folders are
+    named after ``class_names``, the images get those labels. Raises :class:`DatasetError`.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return _load_directory(path, preprocessing, n, class_names)
+    name = str(spec)
+    if os.sep in name or path.suffix:
+        raise DatasetError(f"{spec}: no such calibration directory (and not a dataset name)")
+    from ..train.data import load_samples  # torch: only where a dataset is named
+
+    loaded = load_samples(name, n, split=split, data_dir=data_dir)
+    if loaded is None:
+        raise DatasetError(f"dataset '{name}': not available on this machine (split {split})")
+    images, labels = loaded
+    images = images.numpy().astype(np.float32)
+    if tuple(images.shape[1:]) != tuple(preprocessing.input_shape):
+        raise DatasetError(
+            f"dataset '{name}': samples are {list(images.shape[1:])}, the model takes {list(preprocessing.input_shape)}"
+        )
+    return Samples(images, labels.numpy().astype(np.int64), f"{name}:{split}")
+
+
+def _load_directory(root: Path, preprocessing: Preprocessing, n: int, class_names: list[str] | None) -> Samples:
+    from ..images import decode, find_images
+
+    files = find_images(root).files
+    index = {name: i for i, name in enumerate(class_names or [])}
+    labelled = bool(index) and all(f.relative_to(root).parts[0] in index for f in files if len(f.relative_to(root).parts) > 1)
+    labelled = labelled and all(len(f.relative_to(root).parts) > 1 for f in files)
+    if len(files) > n:  # an even spread over the (sorted) files, so every class folder contributes
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, n)]
+    arrays, labels = [], []
+    for f in files:
+        result = decode(f, preprocessing)
+        if result.ok:
+            arrays.append(preprocessing.normalize(result.array))
+            if labelled:
+                labels.append(index[f.relative_to(root).parts[0]])
+    if not arrays:
+        raise DatasetError(f"{root}: none of its {len(files)} image files could be decoded")
+    return Samples(np.stack(arrays).astype(np.float32), np.asarray(labels, np.int64) if labelled else None, str(root))
+
+
+class CalibrationReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over preprocessed images, in batches."""
+
+    def __init__(self, images: np.ndarray, input_name: str = md.INPUT, batch_size: int = 64) -> None:
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self._start = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._start >= len(self.images):
+            return None
+        batch = self.images[self._start : self._start + self.batch_size]
+        self._start += self.batch_size
+        return {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._start = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+
+# -- which nodes stay fp32 ---------------------------------------------------------------------------
+def theta_path_nodes(model: onnx.ModelProto) -> list[str]:
+    """The θ head's last Gemm/MatMul and every node between it and the sampler's grid input.
+
+    Walks back from each GridSample's grid; a graph without GridSample (the ``portable`` target)
+    falls back to Gemms with 6 outputs (θ is 2×3).
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    names: list[str] = []
+    samplers = [n for n in model.graph.node if n.op_type == "GridSample"]
+    for sampler in samplers:
+        frontier, seen = [sampler.input[1]], set()
+        while frontier:
+            node = producers.get(frontier.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            names.append(node.name)
+            # The θ head's Linear (Gemm, or MatMul with its weight on the right) ends the walk;
+            # the grid's own MatMul has the constant base grid on the left and is walked through.
+            if node.op_type == "Gemm" or (node.op_type == "MatMul" and node.input[1] in inits):
+                continue
+            frontier.extend(i for i in node.input if i not in inits)
+    if not samplers:
+        shapes = {t.name: t.dims for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in shapes:
+                dims = list(shapes[node.input[1]])
+                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+                if (dims[0] if trans_b else dims[-1]) == 6:
+                    names.append(node.name)
+    return [n for n in names if n]
+
+
+# -- running and comparing ------------------------------------------------------------------------
+def _session(path_or_bytes, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _log_probs(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    out_name = md.LOG_PROBS if md.LOG_PROBS in [o.name for o in session.get_outputs()] else session.get_outputs()[0].name
+    chunks = [session.run([out_name], {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def _ensure_names(model: onnx.ModelProto) -> None:
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type.lower()}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    try:
+        return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+    except KeyError:
+        raise ValueError(f"quantization type must be uint8 or int8, got {name!r}") from None
+
+
+def quantize_int8(
+    fp32_onnx_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    calibration: np.ndarray,
+    *,
+    eval_images: np.ndarray | None = None,
+    eval_labels: np.ndarray | None = None,
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+    config: Int8Config = FAST_CPU,
+    threads: int = 2,
+) -> QuantizationReport:
+    """Quantize a verified fp32 ONNX file to int8 and write it only if it keeps its accuracy.
+
+    ``calibration``: preprocessed images [N, C, H, W] (real samples, not noise). ``eval_images`` /
+    ``eval_labels``: the held-out test split; without labels the gate uses the disagreement with
+    fp32, and without eval images the calibration images are used for agreement only.
+    ``max_accuracy_drop``: top-1 points; ``None`` turns the gate off. When the drop exceeds it,
+    :class:`ExportCheckError` is raised and nothing is written at ``output_path``.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    started = time.perf_counter()
+    source, output = Path(fp32_onnx_path), Path(output_path)
+    if not source.is_file():
+        raise ModelFileError(f"{source}: no such model file")
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise DatasetError(f"calibration images must be a non-empty [N, C, H, W] array, got shape {list(calibration.shape)}")
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    input_name = model.graph.input[0].name
+
+    _ensure_names(model)
+    rewrites = graph_rewrites.rewrite_exact(model) if config.exact_rewrites else {}
+    excluded = theta_path_nodes(model) if config.keep_theta_fp32 else []
+
+    with tempfile.TemporaryDirectory(prefix="stn-int8-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        prepared = tmp / "prepared.onnx"
+        onnx.save(model, str(prepared))
+        if config.pre_process:
+            processed = tmp / "preprocessed.onnx"
+            quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
+            prepared = processed
+        quantized = tmp / "int8.onnx"
+        kwargs: dict[str, Any] = {}
+        if config.op_types is not None:
+            kwargs["op_types_to_quantize"] = list(config.op_types)
+        try:
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                CalibrationReader(calibration, input_name),
+                quant_format=QuantFormat.QDQ if config.quant_format == "QDQ" else QuantFormat.QOperator,
+                activation_type=_quant_type(config.activation_type),
+                weight_type=_quant_type(config.weight_type),
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                calibrate_method=getattr(CalibrationMethod, config.calibrate_method),
+                nodes_to_exclude=excluded,
+                **kwargs,
+            )
+        except StnDeployError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            msg = " ".join(str(exc).split())[:300]
+            raise ExportCheckError(f"{source}: int8 quantization failed ({type(exc).__name__}: {msg})") from None
+        int8_model = onnx.load(str(quantized))
+
+    evaluate = eval_images if eval_images is not None else calibration
+    labels = eval_labels if eval_images is not None else None
+    evaluate = np.ascontiguousarray(evaluate, dtype=np.float32)
+    fp32_out = _log_probs(_session(str(source), threads), evaluate)
+    int8_out = _log_probs(_session(int8_model.SerializeToString(), threads), evaluate)
+    fp32_top, int8_top = fp32_out.argmax(1), int8_out.argmax(1)
+    report = QuantizationReport(
+        source=source,
+        output=output,
+        config=config.to_dict(),
+        calibration_samples=len(calibration),
+        eval_samples=len(evaluate),
+        fp32_accuracy=float((fp32_top == labels).mean() * 100) if labels is not None else None,
+        int8_accuracy=float((int8_top == labels).mean() * 100) if labels is not None else None,
+        top1_agreement=float((fp32_top == int8_top).mean() * 100),
+        max_abs_diff=float(np.abs(fp32_out - int8_out).max()),
+        max_accuracy_drop=max_accuracy_drop,
+        rewrites=rewrites,
+        excluded_nodes=excluded,
+        op_counts=_op_counts(int8_model),
+    )
+    report.seconds = time.perf_counter() - started
+    if not report.passed:
+        raise ExportCheckError(
+            f"{output}: int8 loses {report.accuracy_drop:.2f} top-1 points "
+            f"({'accuracy' if report.labelled else 'disagreement with fp32'}; limit {max_accuracy_drop:.2f}), "
+            "not written (raise --max-accuracy-drop to accept it)"
+        )
+
+    stamp = {
+        **props,
+        md.PRECISION: "int8",
+        QUANTIZATION: json.dumps(
+            {k: v for k, v in report.to_dict().items() if k not in ("source", "output", "written", "op_counts", "seconds")},
+            sort_keys=True,
+        ),
+    }
+    onnx.helper.set_model_props(int8_model, stamp)
+    int8_model.producer_name = model.producer_name or md.PRODUCER_NAME
+    int8_model.producer_version = model.producer_version
+    int8_model.doc_string = (model.doc_string + " | " if model.doc_string else "") + f"int8 ({config.name})"
+    with atomic_path(output) as tmp_path:
+        onnx.save(int8_model, str(tmp_path))
+    report.written = True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

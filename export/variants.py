@@ -1,0 +1,87 @@
+"""Precision variants derived from a verified fp32 export: ``--quantize int8`` and ``--precision fp16``.
+
+``stn-export stn.pt --quantize int8 --calibration digits`` writes ``stn.onnx`` (fp32, checked)
+and then ``stn.int8.onnx``; ``--precision fp16`` adds ``stn.fp16.onnx``. Each variant has its own
+gate (:mod:`.quantize`, :mod:`.precision`) and is written only if it passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .. import metadata as md
+from ..errors import DatasetError
+from ..preprocessing import Preprocessing
+
+
+def variant_path(fp32_path: Path, precision: str) -> Path:
+    """``stn.onnx`` → ``stn.int8.onnx`` / ``stn.fp16.onnx`` (``stn.cuda.onnx`` → ``stn.cuda.fp16.onnx``)."""
+    return fp32_path.with_name(f"{fp32_path.stem}.{precision}{fp32_path.suffix or '.onnx'}")
+
+
+def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
+    model = onnx.load(str(path), load_external_data=False)
+    meta = md.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+    return meta.preprocessing, meta.class_names, meta.props.get(md.DATASET, "")
+
+
+def _test_split(dataset: str, pre: Preprocessing, n: int, data_dir: Path | None):
+    from .quantize import load_calibration
+
+    if not dataset or dataset in ("random", "unknown") or Path(dataset).is_dir():
+        return None
+    try:
+        return load_calibration(dataset, pre, n=n, split="test", data_dir=data_dir)
+    except (DatasetError, ImportError):
+        return None
+
+
+def derive_variants(
+    fp32_path: Path,
+    *,
+    quantize: str | None = None,
+    calibration: str | None = None,
+    max_accuracy_drop: float | None = 0.5,
+    precision: str = "fp32",
+    data_dir: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write the requested variants beside ``fp32_path``; returns ``{"int8": report, "fp16": report}`` dicts."""
+    from .quantize import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, load_calibration, quantize_int8
+
+    out: dict[str, Any] = {}
+    pre, class_names, dataset = _model_info(fp32_path)
+    if quantize == "int8":
+        if not calibration:
+            raise DatasetError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
+        cal = load_calibration(calibration, pre, n=DEFAULT_CALIBRATION_SAMPLES, split="train",
+                               class_names=class_names, data_dir=data_dir)
+        # Evaluate on the test split of the calibration dataset, else of the model's own dataset.
+        ev = _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir) or _test_split(dataset, pre, DEFAULT_EVAL_SAMPLES, data_dir)
+        if ev is None and cal.labels is not None:
+            ev = cal  # a labelled directory and no dataset: the gate uses its labels
+        echo(f"Quantizing {fp32_path} to int8 (calibration {cal.source}, {len(cal.images)} images)")
+        report = quantize_int8(
+            fp32_path, variant_path(fp32_path, "int8"), cal.images,
+            eval_images=ev.images if ev is not None else None,
+            eval_labels=ev.labels if ev is not None else None,
+            max_accuracy_drop=max_accuracy_drop,
+        )
+        echo(report.format_table())
+        out["int8"] = report.to_dict()
+    if precision == "fp16":
+        from .precision import convert_fp16
+
+        ev = _test_split(dataset, pre, 4, data_dir)
+        noise = np.random.default_rng(0).standard_normal((4, *pre.input_shape), dtype=np.float32)
+        inputs = np.concatenate([ev.images[:4], noise]) if ev is not None else noise
+        echo(f"Converting {fp32_path} to fp16")
+        report16 = convert_fp16(fp32_path, variant_path(fp32_path, "fp16"), inputs, reference_inputs=len(inputs))
+        echo(report16.format_table())
+        out["fp16"] = report16.to_dict()
+    return out

@@ -1,0 +1,536 @@
+"""``stn-bench``: the same input batches through every available backend, side by side.
+
+One runner class per backend behind one interface (Polygraphy's habit)::
+
+    runner = OrtRunner("stn.onnx", provider="cpu", threads=2)
+    runner.load()                      # may raise BackendUnavailable (listed as skipped)
+    log_probs = runner.infer(batch)    # [N, C, H, W] float32 -> [N, classes]
+
+Backends: PyTorch eager (CPU; CUDA when present; torch is imported only for these), ONNX Runtime
+per available provider (CPU, CUDA, TensorRT) and precision (fp32; fp16 on GPU; int8 on CPU), and
+OpenVINO on CPU when installed (its default precision hint, f32, and int8 from the int8 model).
+
+Measurement. For each batch size every backend runs ``warmup`` untimed calls, then ``iterations``
+timed calls split over ``rounds`` interleaved rounds (backend A, B, C, A, B, C, ...), so a burst
+of load from another process hits every backend alike. Latency is per call (p50/p90/p99, ms);
+throughput is images per second at the p50 latency; each backend's ratio is taken against
+PyTorch eager on the CPU at the same batch size in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .cli import report_errors, to_json
+from .errors import ModelFileError, StnDeployError
+
+DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
+EAGER = "pytorch-eager-cpu"
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run here; the message says why (shown as 'skipped')."""
+
+
+class BenchOptionError(StnDeployError):
+    """Bad stn-bench options."""
+
+
+# -- runners -----------------------------------------------------------------------------------------
+class Runner(ABC):
+    """One backend: ``load()`` once, then ``infer(batch)`` → log-probabilities [N, classes]."""
+
+    name: str
+    backend: str
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.info: dict[str, Any] = {}
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision, **self.info}
+
+
+class TorchRunner(Runner):
+    """PyTorch eager from the checkpoint (``torch.inference_mode``)."""
+
+    backend = "pytorch"
+
+    def __init__(self, checkpoint: Path, device: str, threads: int) -> None:
+        super().__init__(threads)
+        self.checkpoint, self.device = checkpoint, device
+        self.name = f"pytorch-eager-{device}"
+
+    def load(self) -> None:
+        try:
+            import torch
+        except ImportError as exc:  # pragma: no cover - torch is a dependency of the package
+            raise BackendUnavailable(f"torch not importable ({exc})") from None
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch.cuda.is_available() is False (no CUDA device or CUDA build)")
+        from .checkpoint import load_checkpoint
+
+        self._torch = torch
+        torch.set_num_threads(self.threads)
+        self.model = load_checkpoint(self.checkpoint).build_model().to(self.device)
+        self.info = {"model": str(self.checkpoint), "torch": torch.__version__}
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            out = self.model(x)
+            return out.float().cpu().numpy()  # .cpu() synchronizes a CUDA run
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime through :class:`stn_deploy.runtime.Session` on one provider."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model: Path, provider: str, precision: str, threads: int, *, trt_fp16: bool = False) -> None:
+        super().__init__(threads)
+        self.model, self.provider, self.precision, self.trt_fp16 = model, provider, precision, trt_fp16
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        self.name = f"ort-{provider}-{precision}"
+
+    def load(self) -> None:
+        from .errors import ProviderError
+        from .runtime import CPU, PROVIDER_NAMES, Session, available_providers
+
+        wanted = PROVIDER_NAMES[self.provider]
+        if wanted not in available_providers():
+            raise BackendUnavailable(f"onnxruntime build has no {wanted} (install stn-deploy[gpu] on a CUDA machine)")
+        try:
+            self.session = Session(
+                self.model, provider=self.provider, threads=self.threads, trt_fp16=self.trt_fp16,
+                trt_max_batch=max(DEFAULT_BATCH_SIZES) if self.provider == "tensorrt" else None,
+                record_placement=self.provider != "cpu", warmup=1,
+            )
+        except ProviderError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        self.info = {"model": str(self.model), "providers": self.session.providers}
+        if self.provider != "cpu":
+            self.info["nodes_on_cpu"] = len(self.session.placement().cpu_fallback)
+        elif self.session.provider != CPU:  # pragma: no cover
+            raise BackendUnavailable(f"session runs on {self.session.provider}")
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(batch, ["log_probs"])["log_probs"]
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO on the CPU, reading the ONNX file directly.
+
+    ``hint`` None keeps OpenVINO's default ``INFERENCE_PRECISION_HINT`` for this CPU (bf16 or
+    f16 where the CPU has them, f32 otherwise); ``"f32"`` forces f32. An int8 QDQ model from
+    stn-export is read as FakeQuantize and run by OpenVINO's low-precision transformations.
+    """
+
+    backend = "openvino"
+
+    def __init__(self, model: Path, hint: str | None, precision: str, threads: int) -> None:
+        super().__init__(threads)
+        self.model, self.hint, self.precision = model, hint, precision
+        self.name = f"openvino-cpu-{precision}"
+
+    def load(self) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BackendUnavailable("openvino not installed (pip install 'stn-deploy[openvino]')") from None
+        core = ov.Core()
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+        if self.hint:
+            config["INFERENCE_PRECISION_HINT"] = self.hint
+        compiled = core.compile_model(core.read_model(str(self.model)), "CPU", config)
+        self.request = compiled.create_infer_request()
+        low = 0
+        for op in compiled.get_runtime_model().get_ops():
+            rt = op.get_rt_info()
+            if rt["layerType"].astype(str) in ("Convolution", "FullyConnected") and rt["runtimePrecision"].astype(str) in ("u8", "i8"):
+                low += 1
+        self.info = {
+            "model": str(self.model), "openvino": ov.__version__,
+            "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "int8_conv_fc_layers": low,
+        }
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        result = self.request.infer({0: batch})
+        return np.asarray(next(iter(result.values())))
+
+
+# -- which runners -----------------------------------------------------------------------------------
+@dataclass
+class Backend:
+    runner: Runner
+    status: str = "pending"  # ok | skipped | failed
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.runner.describe()
+        d.update(status=self.status, reason=self.reason)
+        return d
+
+
+def plan_backends(
+    model: Path,
+    checkpoint: Path | None,
+    int8_model: Path | None,
+    fp16_model: Path | None,
+    threads: int,
+    only: set[str] | None = None,
+) -> list[Backend]:
+    """Every backend stn-bench knows, each later loaded or marked skipped with its reason."""
+    plan: list[tuple[Runner, str]] = []
+    no_ckpt = "no --checkpoint given (PyTorch eager runs from the checkpoint)"
+    if checkpoint is not None:
+        plan.append((TorchRunner(checkpoint, "cpu", threads), ""))
+        plan.append((TorchRunner(checkpoint, "cuda", threads), ""))
+    else:
+        plan.append((_Placeholder("pytorch-eager-cpu", "pytorch", "cpu"), no_ckpt))
+        plan.append((_Placeholder("pytorch-eager-cuda", "pytorch", "cuda"), no_ckpt))
+    plan.append((OrtRunner(model, "cpu", "fp32", threads), ""))
+    plan.append(_optional(int8_model, "--int8-model", lambda p: OrtRunner(p, "cpu", "int8", threads), "ort-cpu-int8", "onnxruntime", "cpu"))
+    plan.append((OrtRunner(model, "cuda", "fp32", threads), ""))
+    plan.append(_optional(fp16_model, "--fp16-model", lambda p: OrtRunner(p, "cuda", "fp16", threads), "ort-cuda-fp16", "onnxruntime", "cuda"))
+    plan.append((OrtRunner(model, "tensorrt", "fp32", threads), ""))
+    plan.append((OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True), ""))
+    plan.append((OpenVinoRunner(model, None, "default", threads), ""))
+    plan.append((OpenVinoRunner(model, "f32", "f32", threads), ""))
+    plan.append(_optional(int8_model, "--int8-model", lambda p: OpenVinoRunner(p, None, "int8", threads), "openvino-cpu-int8", "openvino", "cpu"))
+    backends = []
+    for runner, reason in plan:
+        if only is not None and runner.name not in only and runner.name != EAGER:
+            continue
+        b = Backend(runner)
+        if reason:
+            b.status, b.reason = "skipped", reason
+        backends.append(b)
+    return backends
+
+
+class _Placeholder(Runner):
+    """A backend that cannot be built from the given options (always skipped)."""
+
+    def __init__(self, name: str, backend: str, device: str, precision: str = "fp32") -> None:
+        super().__init__(0)
+        self.name, self.backend, self.device, self.precision = name, backend, device, precision
+
+    def load(self) -> None:  # pragma: no cover - never loaded
+        raise BackendUnavailable("placeholder")
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise BackendUnavailable("placeholder")
+
+
+def _optional(path: Path | None, flag: str, make, name: str, backend: str, device: str) -> tuple[Runner, str]:
+    if path is None:
+        return _Placeholder(name, backend, device, name.rsplit("-", 1)[-1]), f"no {flag} given"
+    return make(path), ""
+
+
+# -- measurement -------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    backend: str
+    batch_size: int
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms)
+        p50 = float(np.percentile(lat, 50))
+        return {
+            "backend": self.backend,
+            "batch_size": self.batch_size,
+            "iterations": int(lat.size),
+            "p50_ms": p50,
+            "p90_ms": float(np.percentile(lat, 90)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "mean_ms": float(lat.mean()),
+            "min_ms": float(lat.min()),
+            "throughput": self.batch_size / (p50 / 1000.0),
+        }
+
+
+def make_inputs(shape: tuple[int, int, int], count: int, source: str, model: Path, seed: int = 0) -> np.ndarray:
+    """``count`` model inputs: standard-normal (``random``), an image directory, or a dataset's test split."""
+    if source == "random":
+        return np.random.default_rng(seed).standard_normal((count, *shape), dtype=np.float32)
+    from .runtime import Session  # metadata → preprocessing
+
+    session = Session(model, provider="cpu", threads=1, warmup=0, record_placement=False)
+    pre = session.preprocessing
+    from .export.quantize import load_calibration
+
+    if source == "auto":  # the model's own dataset when it is on this machine, else random
+        dataset = session.metadata.props.get("stn_deploy.dataset", "")
+        try:
+            images = load_calibration(dataset, pre, n=count, split="test").images if dataset else None
+        except (StnDeployError, ImportError):
+            images = None
+        if images is None:
+            return make_inputs(shape, count, "random", model, seed)
+    else:
+        images = load_calibration(source, pre, n=count, split="test").images
+    reps = -(-count // len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:count])
+
+
+def run_benchmark(
+    backends: list[Backend],
+    inputs: np.ndarray,
+    batch_sizes: list[int],
+    *,
+    warmup: int = 5,
+    iterations: int = 30,
+    rounds: int = 3,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Load every backend, then time them interleaved. Returns (results, agreement per backend)."""
+    from tqdm import tqdm
+
+    for b in backends:
+        if b.status == "skipped":
+            continue
+        try:
+            b.runner.load()
+            b.runner.infer(inputs[:1])
+            b.status = "ok"
+        except BackendUnavailable as exc:
+            b.status, b.reason = "skipped", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the others
+            b.status, b.reason = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    live = [b for b in backends if b.status == "ok"]
+
+    agreement = _agreement(live, inputs[: max(batch_sizes)])
+    measurements = {(b.runner.name, bs): Measurement(b.runner.name, bs) for b in live for bs in batch_sizes}
+    per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
+    bar = tqdm(total=len(live) * len(batch_sizes), desc="stn-bench", unit="run", disable=not progress, file=sys.stderr)
+    for bs in batch_sizes:
+        batch = np.ascontiguousarray(inputs[:bs])
+        for b in live:
+            for _ in range(warmup):
+                b.runner.infer(batch)
+        for n in per_round:
+            for b in live:
+                bar.set_postfix_str(f"{b.runner.name} b{bs}")
+                m = measurements[(b.runner.name, bs)]
+                for _ in range(n):
+                    start = time.perf_counter()
+                    b.runner.infer(batch)
+                    m.latencies_ms.append((time.perf_counter() - start) * 1000.0)
+        bar.update(len(live))
+    bar.close()
+
+    results = [m.summary() for m in measurements.values() if m.latencies_ms]
+    eager = {r["batch_size"]: r["throughput"] for r in results if r["backend"] == EAGER}
+    for r in results:
+        base = eager.get(r["batch_size"])
+        r["ratio_to_eager"] = r["throughput"] / base if base else None
+    order = {b.runner.name: i for i, b in enumerate(backends)}
+    results.sort(key=lambda r: (r["batch_size"], order[r["backend"]]))
+    return results, agreement
+
+
+def _agreement(live: list[Backend], batch: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Each backend's outputs on one batch against the first fp32 backend (the reference)."""
+    if not live:
+        return {}
+    ref_backend = next((b for b in live if b.runner.precision == "fp32"), live[0])
+    ref = ref_backend.runner.infer(batch)
+    out = {}
+    for b in live:
+        got = b.runner.infer(batch)
+        out[b.runner.name] = {
+            "reference": ref_backend.runner.name,
+            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean() * 100),
+            "max_abs_diff": float(np.abs(got - ref).max()),
+        }
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------------
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("onnxruntime", "torch", "openvino"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "isa": isa, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "threads": threads, "versions": versions}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"stn-bench: {report['model']}  threads={report['threads']}  inputs={report['inputs']}  "
+        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved)",
+        f"machine: {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical CPUs, "
+        f"{'/'.join(report['machine']['isa']) or 'no AVX2'})",
+        "",
+        f"{'backend':<22} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>10} {'x eager':>8}",
+    ]
+    for r in report["results"]:
+        ratio = f"{r['ratio_to_eager']:.2f}" if r["ratio_to_eager"] else "-"
+        lines.append(
+            f"{r['backend']:<22} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
+            f"{r['throughput']:>10.0f} {ratio:>8}"
+        )
+    lines.append("")
+    for b in report["backends"]:
+        if b["status"] == "ok":
+            agree = report["agreement"].get(b["name"], {})
+            lines.append(
+                f"  {b['name']:<22} ok       top-1 agreement {agree.get('top1_agreement', float('nan')):.1f}% "
+                f"max |Δ| {agree.get('max_abs_diff', float('nan')):.3g} vs {agree.get('reference', '-')}"
+            )
+        else:
+            lines.append(f"  {b['name']:<22} {b['status']:<8} {b['reason']}")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput against batch size, one line per backend (log-log)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchOptionError("--plot needs matplotlib (pip install matplotlib, or stn-deploy[dev])") from None
+    from .fileio import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    for name in names:
+        rows = [r for r in report["results"] if r["backend"] == name]
+        ax.plot([r["batch_size"] for r in rows], [r["throughput"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"stn-bench, {report['threads']} threads, {report['machine']['cpu']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--batch-sizes") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise click.BadParameter(f"batch sizes must be positive, got {text!r}", param_hint="--batch-sizes")
+    return sizes
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", "model", type=click.Path(path_type=Path), required=True, help="fp32 ONNX file from stn-export.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="The checkpoint it came from (PyTorch eager rows).")
+@click.option("--int8-model", type=click.Path(path_type=Path), default=None, help="int8 ONNX file (stn-export --quantize int8): ORT and OpenVINO int8 rows.")
+@click.option("--fp16-model", type=click.Path(path_type=Path), default=None, help="fp16 ONNX file (stn-export --precision fp16): ORT CUDA fp16 row.")
+@click.option("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Intra-op threads for every CPU backend.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per backend and batch size.")
+@click.option("--iterations", type=click.IntRange(min=1), default=30, show_default=True, help="Timed calls per backend and batch size.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved rounds the iterations are split over.")
+@click.option("--inputs", default="auto", show_default=True,
+              help="auto (the model's dataset test split when available, else random), random, an image directory, or a dataset name.")
+@click.option("--backends", "only", default=None, help="Comma-separated backend names to run (default: all; PyTorch eager CPU always runs when it can).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of the table.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write throughput vs batch size to this PNG.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@report_errors
+def main(
+    model: Path, checkpoint: Path | None, int8_model: Path | None, fp16_model: Path | None, batch_sizes: str,
+    threads: int, warmup: int, iterations: int, rounds: int, inputs: str, only: str | None, as_json: bool,
+    plot_path: Path | None, quiet: bool,
+) -> None:
+    """Benchmark MODEL on every available backend with the same input batches: PyTorch eager
+    (with --checkpoint), ONNX Runtime per provider and precision, OpenVINO when installed.
+    Reports p50/p90/p99 latency, throughput and the ratio to PyTorch eager per batch size;
+    backends that cannot run here are listed as skipped with the reason.
+
+    \b
+    Examples:
+      stn-bench --model stn.onnx --checkpoint stn.pt
+      stn-bench --model stn.onnx --checkpoint stn.pt --int8-model stn.int8.onnx --plot bench.png
+      stn-bench --model stn.onnx --batch-sizes 1,256 --json > bench.json
+    """
+    sizes = _batch_sizes(batch_sizes)
+    for path, flag in ((model, "--model"), (checkpoint, "--checkpoint"), (int8_model, "--int8-model"), (fp16_model, "--fp16-model")):
+        if path is not None and not Path(path).is_file():
+            raise ModelFileError(f"{path}: no such file ({flag})")
+    if rounds > iterations:
+        rounds = iterations
+    wanted = {n.strip() for n in only.split(",") if n.strip()} if only else None
+    backends = plan_backends(model, checkpoint, int8_model, fp16_model, threads, wanted)
+    if wanted:
+        known = {b.runner.name for b in plan_backends(model, checkpoint, int8_model, fp16_model, threads)}
+        unknown = wanted - known
+        if unknown:
+            raise BenchOptionError(f"unknown backend(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+
+    from .runtime import Session
+
+    try:
+        shape = tuple(Session(model, provider="cpu", threads=1, warmup=0, record_placement=False).preprocessing.input_shape)
+    except StnDeployError:
+        raise
+    x = make_inputs(shape, max(sizes), inputs, model)
+    results, agreement = run_benchmark(backends, x, sizes, warmup=warmup, iterations=iterations, rounds=rounds, progress=not quiet)
+    report = {
+        "model": str(model),
+        "threads": threads,
+        "batch_sizes": sizes,
+        "warmup": warmup,
+        "iterations": iterations,
+        "rounds": rounds,
+        "inputs": inputs,
+        "machine": machine_info(threads),
+        "backends": [b.to_dict() for b in backends],
+        "results": results,
+        "agreement": agreement,
+    }
+    if plot_path is not None:
+        plot(report, plot_path)
+    click.echo(to_json(report) if as_json else format_table(report))
+    if not any(b.status == "ok" for b in backends):
+        raise BenchOptionError("no backend could run")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,71 @@
+"""stn-bench on the CPU with tiny iteration counts: real sessions, real PyTorch, real files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_checkpoint
+from stn_deploy.bench import OrtRunner, TorchRunner, main
+from stn_deploy.export import export_model
+from stn_deploy.model import STNConfig
+
+SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = make_checkpoint(root / "b.pt", SMALL, seed=5)
+    export_model(ckpt, root / "b.onnx", parity_samples=8, progress=False)
+    return ckpt, root / "b.onnx"
+
+
+def test_runners_share_one_interface_and_agree(exported):
+    ckpt, onnx_path = exported
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    eager, ort_cpu = TorchRunner(ckpt, "cpu", threads=1), OrtRunner(onnx_path, "cpu", "fp32", threads=1)
+    eager.load()
+    ort_cpu.load()
+    a, b = eager.infer(x), ort_cpu.infer(x)
+    assert a.shape == b.shape == (3, 10)
+    assert np.abs(a - b).max() <= 1e-4
+
+
+def test_stn_bench_json_table_and_plot(exported, tmp_path):
+    ckpt, onnx_path = exported
+    png = tmp_path / "bench.png"
+    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--batch-sizes", "1,4", "--threads", "1",
+            "--warmup", "1", "--iterations", "2", "--rounds", "2", "--inputs", "random", "-q"]
+    result = CliRunner().invoke(main, [*args, "--json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    status = {b["name"]: b for b in report["backends"]}
+    assert status["pytorch-eager-cpu"]["status"] == "ok" and status["ort-cpu-fp32"]["status"] == "ok"
+    # a backend that cannot run here is listed with its reason
+    assert status["ort-cpu-int8"]["status"] == "skipped" and "--int8-model" in status["ort-cpu-int8"]["reason"]
+    for name in ("ort-cuda-fp32", "ort-tensorrt-fp32"):
+        if status[name]["status"] == "skipped":
+            assert status[name]["reason"]
+    rows = {(r["backend"], r["batch_size"]): r for r in report["results"]}
+    for bs in (1, 4):
+        eager, cpu = rows[("pytorch-eager-cpu", bs)], rows[("ort-cpu-fp32", bs)]
+        assert eager["ratio_to_eager"] == pytest.approx(1.0)
+        assert cpu["iterations"] == 2 and cpu["p50_ms"] <= cpu["p99_ms"]
+        assert cpu["ratio_to_eager"] == pytest.approx(cpu["throughput"] / eager["throughput"])
+        assert cpu["throughput"] == pytest.approx(bs / (cpu["p50_ms"] / 1000))
+    assert report["threads"] == 1 and report["machine"]["logical_cpus"]
+    assert report["agreement"]["ort-cpu-fp32"]["top1_agreement"] == 100.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = CliRunner().invoke(main, [*args, "--backends", "ort-cpu-fp32"])
+    assert table.exit_code == 0, table.output
+    assert "ort-cpu-fp32" in table.stdout and "x eager" in table.stdout and "p99 ms" in table.stdout
+
+
+def test_stn_bench_bad_input_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["--model", str(tmp_path / "missing.onnx")])
+    assert result.exit_code != 0 and "missing.onnx" in result.output and "Traceback" not in result.output

@@ -1,0 +1,160 @@
+"""int8 quantization and fp16 conversion of real exported models, and their gates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from stn_deploy import metadata as md
+from stn_deploy.errors import ExportCheckError
+from stn_deploy.export import export_model
+from stn_deploy.export.cli import main as export_main
+from stn_deploy.export.graph_rewrites import rewrite_exact
+from stn_deploy.export.precision import FP16_MAX_ABS_DIFF, convert_fp16
+from stn_deploy.export.quantize import FAST_CPU, quantize_int8, theta_path_nodes
+from stn_deploy.model import STNConfig
+
+from conftest import make_checkpoint
+
+SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    """A small STN exported by stn-export (real export and checks), with a non-trivial θ head."""
+    root = tmp_path_factory.mktemp("q")
+    ckpt = make_checkpoint(root / "small.pt", SMALL, seed=3, theta_bias=(0.9, 0.1, 0.05, -0.1, 0.8, 0.0))
+    export_model(ckpt, root / "small.onnx", parity_samples=16, progress=False)
+    return root / "small.onnx"
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Smooth blobs in the normalized input range: image-like, not white noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    out = np.empty((n, 3, 32, 32), np.float32)
+    for i in range(n):
+        cy, cx, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        out[i] = (blob[None] * rng.uniform(0.5, 1.0, (3, 1, 1)) - 0.5) / 0.25
+    return out + rng.normal(0, 0.05, out.shape).astype(np.float32)
+
+
+def _fp32_labels(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {md.INPUT: images})[0].argmax(1)
+
+
+def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
+    model = onnx.load(str(small_onnx))
+    counts = rewrite_exact(model)
+    assert counts == {"relu_before_maxpool": 4, "affine_grid_as_matmul": 1, "crop_unpooled_conv_input": 1}
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "rewritten.onnx")
+    x = _images(16, 1)
+    a = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    b = ort.InferenceSession(str(tmp_path / "rewritten.onnx"), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
+    cal, ev = _images(128, 2), _images(200, 3)
+    labels = _fp32_labels(small_onnx, ev)  # fp32 is 100% right by construction: int8 accuracy = agreement
+    out = tmp_path / "small.int8.onnx"
+    report = quantize_int8(small_onnx, out, cal, eval_images=ev, eval_labels=labels, max_accuracy_drop=5.0)
+    assert report.written and out.is_file()
+    assert report.fp32_accuracy == 100.0
+    assert report.int8_accuracy == pytest.approx(report.top1_agreement)
+    assert report.accuracy_drop == pytest.approx(100.0 - report.int8_accuracy)
+    assert report.config == FAST_CPU.to_dict()
+    assert report.op_counts.get("QuantizeLinear", 0) > 0 and report.op_counts.get("GridSample") == 1
+
+    model = onnx.load(str(out))
+    props = {p.key: p.value for p in model.metadata_props}
+    source_props = {p.key: p.value for p in onnx.load(str(small_onnx)).metadata_props}
+    assert props[md.PRECISION] == "int8"
+    assert all(props[k] == v for k, v in source_props.items() if k != md.PRECISION)
+    assert json.loads(props["stn_deploy.quantization"])["config"]["activation_type"] == "uint8"
+    # the θ head's Gemm, the grid math and the sampler stay fp32: no DequantizeLinear feeds them
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sampler = next(n for n in model.graph.node if n.op_type == "GridSample")
+    assert producers[sampler.input[1]].op_type != "DequantizeLinear"
+    assert set(report.excluded_nodes) == set(theta_path_nodes(model)) - {""} or report.excluded_nodes
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        assert session.run(None, {md.INPUT: ev[:n]})[0].shape == (n, 10)
+
+
+def test_quantize_refuses_an_inaccurate_model_and_leaves_no_file(small_onnx, tmp_path):
+    # Calibrated on blank images, every real activation saturates the int8 range.
+    ev = _images(200, 4)
+    labels = _fp32_labels(small_onnx, ev)
+    out = tmp_path / "bad.int8.onnx"
+    with pytest.raises(ExportCheckError, match="top-1 points"):
+        quantize_int8(small_onnx, out, np.zeros((32, 3, 32, 32), np.float32), eval_images=ev, eval_labels=labels)
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+    # the same model with the gate turned off is written (the override)
+    report = quantize_int8(small_onnx, out, np.zeros((32, 3, 32, 32), np.float32), eval_images=ev, eval_labels=labels,
+                           max_accuracy_drop=None)
+    assert report.written and report.accuracy_drop > 0.5 and out.is_file()
+
+
+def test_fp16_conversion_and_parity(small_onnx, tmp_path):
+    out = tmp_path / "small.fp16.onnx"
+    report = convert_fp16(small_onnx, out, _images(6, 5))
+    assert report.passed and report.written and out.is_file()
+    assert report.max_abs_diff <= FP16_MAX_ABS_DIFF and report.top1_agreement >= 99.0
+    model = onnx.load(str(out))
+    f16 = onnx.TensorProto.FLOAT16
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == f16 for t in model.graph.initializer)
+    assert {p.key: p.value for p in model.metadata_props}[md.PRECISION] == "fp16"
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    sampler = next(n for n in model.graph.node if n.op_type == "GridSample")
+    assert types[sampler.output[0]] == onnx.TensorProto.FLOAT  # the sampler runs in fp32
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert types[conv.output[0]] == f16
+
+
+def test_fp16_refused_beyond_bounds(small_onnx, tmp_path, monkeypatch):
+    import stn_deploy.export.precision as precision
+
+    monkeypatch.setattr(precision, "FP16_MAX_ABS_DIFF", 1e-9)
+    out = tmp_path / "tight.fp16.onnx"
+    with pytest.raises(ExportCheckError, match="fp16_parity"):
+        precision.convert_fp16(small_onnx, out, _images(2, 6))
+    assert not out.exists()
+
+
+def test_stn_export_quantize_from_an_image_directory(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "cli.pt", SMALL, seed=4)
+    images = tmp_path / "calib"
+    images.mkdir()
+    for i, arr in enumerate(_images(24, 7)):
+        pixels = np.clip((arr * 0.25 + 0.5) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        Image.fromarray(pixels).save(images / f"{i:03d}.png")
+    result = CliRunner().invoke(
+        export_main,
+        [str(ckpt), "--parity-samples", "8", "-q", "--json", "--quantize", "int8", "--calibration", str(images),
+         "--max-accuracy-drop", "50"],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["int8"]["written"] and payload["int8"]["calibration_samples"] == 24
+    assert payload["int8"]["accuracy_drop_measure"].startswith("disagreement")
+    assert (tmp_path / "cli.int8.onnx").is_file() and (tmp_path / "cli.onnx").is_file()
+
+    missing = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "m.onnx"), "-q", "--quantize", "int8",
+                                               "--calibration", str(tmp_path / "nope")])
+    assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
+    assert not (tmp_path / "m.int8.onnx").exists()
