@@ -96,6 +96,13 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     default=None,
     help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).",
 )
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write MODEL.int8.onnx: ONNX Runtime static int8, fast CPU configuration (benchmarks/INT8.md).")
+@click.option("--calibration", default=None, help="int8 calibration samples: an image DIR or a dataset name (its train split).")
+@click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
+              help="Refuse the int8 model if it loses more top-1 points than this on the test split (negative: no limit).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: also write MODEL.fp16.onnx for GPU targets (fp32 I/O; θ path and GridSample stay fp32).")
 @click.option("--json", "as_json", is_flag=True, help="Write the export report as JSON to stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
@@ -114,6 +121,10 @@ def main(
     std: str | None,
     channels: str | None,
     class_names: str | None,
+    quantize: str | None,
+    calibration: str | None,
+    max_accuracy_drop: float,
+    precision: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -169,13 +180,22 @@ def main(
             click.echo(to_json(exc.report.to_dict()))  # the failed report on stdout, the one-line error on stderr
         raise
 
-    if as_json:
-        click.echo(to_json(report.to_dict()))
-    else:
+    if not as_json:
         click.echo(report.format_table())
         click.echo(
             f"Wrote {report.output} ({report.output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s", err=True
         )
+    variants = {}
+    if report.passed and (quantize or precision != "fp32"):
+        from .variants import derive_variants
+
+        variants = derive_variants(
+            report.output, quantize=quantize, calibration=calibration, precision=precision, data_dir=data_dir,
+            max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
+            echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
+        )
+    if as_json:
+        click.echo(to_json({**report.to_dict(), **variants}))
     sys.exit(0 if report.passed else 1)
 
 
