@@ -65,7 +65,8 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 @click.option(
     "--optimize",
     is_flag=True,
-    help="Save ONNX Runtime's offline-optimized graph (level BASIC) and re-check parity on it.",
+    help="Apply exact graph rewrites (ReLU before MaxPool, affine grid as one MatMul, unread conv "
+    "rows cropped) and ONNX Runtime's offline BASIC optimization, then re-check every check on it.",
 )
 @click.option(
     "--parity-samples",
