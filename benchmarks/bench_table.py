@@ -4,7 +4,7 @@ What it does, each step through the real command a user runs:
 
 1. ``stn-train`` (the default recipe, ``digits``) → ``<work>/stn_digits.pt``, unless that file,
    or the one given with ``--checkpoint``, already exists;
-2. ``stn-export <ckpt> --quantize int8 --calibration digits --json`` → the fp32 model and the
+2. ``stn-export <ckpt> --optimize --quantize int8 --calibration digits --json`` → the fp32 model and the
    int8 model in the fast CPU configuration (export/quantize.py, benchmarks/INT8.md), with the
    int8 vs fp32 top-1 accuracy on the digits test split;
 3. ``stn-bench --model … --checkpoint … --int8-model … --threads 2 --json`` at batch sizes
@@ -69,7 +69,7 @@ def main() -> None:
 
     fp32 = work / "stn_digits.onnx"
     export = json.loads(run([str(BIN / "stn-export"), str(ckpt), "-o", str(fp32), "--quantize", "int8",
-                             "--calibration", "digits", "--json", "-q"]))
+                             "--calibration", "digits", "--optimize", "--json", "-q"]))
     int8 = fp32.with_name(f"{fp32.stem}.int8.onnx")
     bench = json.loads(run([str(BIN / "stn-bench"), "--model", str(fp32), "--checkpoint", str(ckpt), "--int8-model", str(int8),
                             "--threads", str(args.threads), "--batch-sizes", args.batch_sizes,
