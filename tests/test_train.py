@@ -116,17 +116,38 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, shapes):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_digits_run_with_visualization(tmp_path):
-    out, png = tmp_path / "digits.pt", tmp_path / "warps.png"
-    result = _run(["--epochs", "1", "--batch-size", "128", "--output", str(out), "--visualize", str(png), "--json"])
+def test_visualize_flag_writes_the_warp_figure(tmp_path, shapes):
+    out, png = tmp_path / "model.pt", tmp_path / "warps.png"
+    result = _run(["--dataset", shapes, "--epochs", "1", "--batch-size", "16", "--output", str(out),
+                   "--visualize", str(png), "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["dataset"] == "digits" and summary["visualization"] == str(png)
-    ckpt = load_checkpoint(out)
-    assert ckpt.preprocessing.input_shape == (3, 32, 32)
-    assert ckpt.metrics["test_images"] >= 0.2 * 1797
+    assert json.loads(result.stdout)["visualization"] == str(png)
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.width > 2 * 8 * 32 and im.height > 4 * 32
+        assert im.format == "PNG" and im.width > 2 * 4 * 32 and im.height > 3 * 32
+
+
+def test_digits_checkpoint_visualization(tmp_path):
+    """The figure for a digits model: test images through the model's own transform()."""
+    from stn_deploy.checkpoint import Checkpoint, save_checkpoint
+    from stn_deploy.model import build_model
+    from stn_deploy.train.data import load_dataset
+    from stn_deploy.train.visualization import visualize_checkpoint
+
+    test = load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = build_model()
+    with torch.no_grad():  # a θ that zooms in 2× so the warped half differs visibly from the input
+        model.fc_loc[-1].bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0, 0.5, 0.0]))
+    path = save_checkpoint(
+        Checkpoint(model.config, model.state_dict(), test.class_names, test.preprocessing, "digits"),
+        tmp_path / "digits.pt",
+    )
+    png = visualize_checkpoint(path, tmp_path / "fig.png", count=16)
+    with Image.open(png) as im:
+        figure = np.asarray(im.convert("RGB"))
+    half = figure.shape[1] // 2
+    left, right = figure[:, :half], figure[:, half:]
+    assert figure.shape[0] > 4 * 32 and not np.array_equal(left, right[:, : left.shape[1]])
 
 
 def test_bad_resume_file_is_a_one_line_error(tmp_path):
@@ -162,3 +183,23 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(s, total, peak, 0.1) for s in range(total)]
     assert lrs[0] < 0.1 * peak and max(lrs) == pytest.approx(peak) and lrs[-1] < 0.01 * peak
     assert np.argmax(lrs) == 10
+
+
+def test_warp_grid_layout_and_validation(tmp_path):
+    from stn_deploy.visualize import save_warp_grid, warp_figure
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)  # N×H×W (1-channel models)
+    path = save_warp_grid(gray, gray[:, ::-1], tmp_path / "sub" / "g.png", columns=3, zoom=2)
+    with Image.open(path) as im:
+        # two panels of 3 columns × 2 rows of 56-pixel tiles, plus borders, gaps and titles
+        assert im.mode == "RGB" and im.width >= 2 * 3 * 56 and im.height >= 2 * 56
+    rgb = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    figure = warp_figure(rgb, rgb, columns=2, zoom=1)
+    tile = np.asarray(figure)[22 + 2 : 22 + 2 + 32, 12 + 2 : 12 + 2 + 32]
+    np.testing.assert_array_equal(tile, rgb[0])  # pixels are copied, not resampled
+    with pytest.raises(ValueError, match="differ in shape"):
+        warp_figure(rgb, rgb[:2])
+    with pytest.raises(ValueError, match="uint8"):
+        warp_figure(rgb.astype(np.float32), rgb)
+    assert not list(tmp_path.glob("sub/.*.tmp"))

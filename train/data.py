@@ -119,8 +119,8 @@ class Distortion:
 
     canvas: int = 32
     rotation: float = 60.0  # degrees, uniform in ±rotation
-    scale: tuple[float, float] = (0.45, 0.8)
-    translation: float = 1.0
+    scale: tuple[float, float] = (0.55, 0.9)
+    translation: float = 0.8
     clutter: int = 4  # fragments of other digits scattered over the canvas
     clutter_size: float = 0.22  # fragment side as a fraction of the canvas
     noise: float = 0.04  # std of additive Gaussian pixel noise (pixels in [0, 1])
