@@ -60,7 +60,7 @@ def test_cli_trains_writes_checkpoint_json_and_resumes(tmp_path, shapes):
     model = ckpt.build_model()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
-    resumed = _run(["--resume", str(out), "--epochs", "3", "--output", str(out), "--json"])
+    resumed = _run(["--resume", str(out), "--epochs", "3", "--json"])  # writes back to the resumed file
     assert resumed.exit_code == 0, resumed.output
     summary3 = json.loads(resumed.stdout)
     assert summary3["epochs"] == 3

@@ -29,7 +29,8 @@ DEFAULTS = TrainConfig()
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULTS.output,
               help="Checkpoint to write (the best epoch by test accuracy; rewritten atomically each epoch).")
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Continue the run recorded in this checkpoint (its recipe is reused).")
+              help="Continue the run recorded in this checkpoint (its recipe is reused; writes back to it "
+                   "unless --output is given).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--visualize", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",
               help="Write test images beside their STN-warped versions to this PNG.")
@@ -47,9 +48,11 @@ def main(ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path
       stn-train                                  # STN on the offline digits benchmark
       stn-train --arch cnn -o cnn.pt             # the plain-CNN baseline
       stn-train --visualize stn.png --json       # plus a picture of the learned warps
-      stn-train --resume model.pt --epochs 30    # continue a run to 30 epochs
+      stn-train --resume model.pt --epochs 40    # continue a run to 40 epochs
       stn-train --dataset mnist --data-dir data --download
     """
+    if resume is not None and ctx.get_parameter_source("output") is click.core.ParameterSource.DEFAULT:
+        options["output"] = resume
     config = TrainConfig(**options)
     if resume is not None:
         recorded = read_resume_state(resume)["recipe"]
