@@ -17,8 +17,18 @@ Each rewrite changes how a result is computed, never what it is (up to float sum
     reads skips computing them (the localization network's second conv: 9×9 → 8×8 outputs, 21%
     of its multiply-adds).
 
-``pad_conv_input_channels`` (not part of :func:`rewrite_exact`) zero-pads a Conv's input
-channels to a multiple of 4, the layout ONNX Runtime's symmetric int8 conv kernel requires.
+Not part of :func:`rewrite_exact` (they help only the int8 graph, see benchmarks/INT8.md):
+
+``unfold_conv_rows``
+    A valid stride-1 ``Conv`` with few input channels (the RGB convs: C_in = 3, K×K kernel) becomes
+    ``Concat`` of K row-shifted ``Slice`` copies of its input (C·K channels, zero-weight copies pad them to
+    a multiple of 4) and a 1×K ``Conv``. Every output is the same sum of the same products, in
+    another order. ONNX Runtime's symmetric uint8×int8 conv kernel needs C_in % 4 == 0; the
+    unfolded conv qualifies and, quantized, runs the RGB convs about 2× faster. In fp32 it is
+    slower (the NCHWc conv already handles C_in = 3 well), so only quantization applies it.
+``pad_conv_input_channels`` zero-pads a Conv's input channels to a multiple of 4, the layout
+ONNX Runtime's symmetric int8 conv kernel requires (slower than ``unfold_conv_rows``; kept for
+comparison).
 
 All functions edit an ``onnx.ModelProto`` in place and return how many places they changed.
 """
@@ -255,6 +265,78 @@ def pad_conv_input_channels(model: onnx.ModelProto, multiple: int = 4, nodes: se
         pad = helper.make_node("Pad", [conv.input[0], p_name], [padded], name=f"{conv.name}_pad_channels", mode="constant")
         graph.node.insert(list(graph.node).index(conv), pad)
         conv.input[0], conv.input[1] = padded, w_name
+        count += 1
+    if count:
+        _drop_unused_initializers(graph)
+        toposort(graph)
+    return count
+
+
+def unfold_conv_rows(model: onnx.ModelProto, max_input_channels: int = 4, multiple: int = 4) -> int:
+    """``Conv(x, W[O,C,K,L])`` → ``Conv(Concat(x[:, :, i:i+H_out] for i < K), W'[O,C·K,1,L])``.
+
+    Applies to group-1, stride-1, dilation-1, unpadded Convs with ``C <= max_input_channels`` and a
+    static input height. Channel ``i·C + c`` of the unfolded input is channel ``c`` shifted up by
+    ``i`` rows, and ``W'[o, i·C + c, 0, j] = W[o, c, i, j]``. When ``C·K`` is not a multiple of
+    ``multiple``, the first channels of the row-0 slice are repeated with zero weights.
+    """
+    graph = model.graph
+    shapes = static_chw(model)
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[0] not in shapes:
+            continue
+        weight = _initializer(graph, conv.input[1])
+        if weight is None or weight.ndim != 4 or weight.shape[1] > max_input_channels or weight.shape[2] == 1:
+            continue
+        if (
+            _attr(conv, "group", 1) != 1
+            or any(_attr(conv, "pads", [0, 0, 0, 0]))
+            or any(v != 1 for v in _attr(conv, "strides", [1, 1]))
+            or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
+            or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+        ):
+            continue
+        out_ch, in_ch, kh, kw = weight.shape
+        _, height, _ = shapes[conv.input[0]]
+        out_h = height - kh + 1
+        if out_h <= 0:
+            continue
+        extra = (-(in_ch * kh)) % multiple
+        if extra > in_ch:  # padding would need more than one slice's channels; leave the conv alone
+            continue
+        position = list(graph.node).index(conv)
+        new_nodes, rows = [], []
+
+        def constant(base: str, value: list[int]) -> str:
+            name = _unique(graph, base)
+            graph.initializer.append(nh.from_array(np.asarray(value, dtype=np.int64), name))
+            return name
+
+        for i in range(kh):
+            starts, ends, axes = (constant(f"{conv.name}_row{i}_{p}", v) for p, v in (("starts", [i]), ("ends", [i + out_h]), ("axes", [2])))
+            shifted = _unique(graph, f"{conv.input[0]}_row{i}")
+            new_nodes.append(helper.make_node("Slice", [conv.input[0], starts, ends, axes], [shifted], name=f"{conv.name}_row{i}"))
+            rows.append(shifted)
+        if extra:
+            starts, ends, axes = (constant(f"{conv.name}_channel_pad_{p}", v) for p, v in (("starts", [0]), ("ends", [extra]), ("axes", [1])))
+            padding = _unique(graph, f"{conv.input[0]}_row0_channel_pad")
+            new_nodes.append(helper.make_node("Slice", [rows[0], starts, ends, axes], [padding], name=f"{conv.name}_channel_pad"))
+            rows.append(padding)
+        unfolded = _unique(graph, f"{conv.input[0]}_rows_unfolded")
+        new_nodes.append(helper.make_node("Concat", rows, [unfolded], axis=1, name=f"{conv.name}_unfold_rows"))
+        for k, node in enumerate(new_nodes):
+            graph.node.insert(position + k, node)
+
+        unfolded_w = np.zeros((out_ch, in_ch * kh + extra, 1, kw), dtype=weight.dtype)
+        for i in range(kh):
+            unfolded_w[:, i * in_ch : (i + 1) * in_ch, 0, :] = weight[:, :, i, :]
+        w_name = _unique(graph, f"{conv.input[1]}_rows_unfolded")
+        graph.initializer.append(nh.from_array(unfolded_w, w_name))
+        conv.input[0], conv.input[1] = unfolded, w_name
+        kept = [a for a in conv.attribute if a.name != "kernel_shape"]
+        del conv.attribute[:]
+        conv.attribute.extend([*kept, helper.make_attribute("kernel_shape", [1, kw])])
         count += 1
     if count:
         _drop_unused_initializers(graph)

@@ -11,12 +11,14 @@ The default configuration, :data:`FAST_CPU`, is the one that makes int8 *faster*
 AVX2 CPU without VNNI (benchmarks/INT8.md has the measurements and the reasons):
 
 * the fp32 graph first gets the exact rewrites of :mod:`.graph_rewrites` (ReLU before MaxPool,
-  the affine grid as one MatMul, the unread conv rows cropped);
+  the affine grid as one MatMul, the unread conv rows cropped), and the RGB convs are unfolded
+  into 1×K convs over row-shifted copies of their input (``unfold_conv_rows``: C_in 3 → 24 / 16,
+  so they too get the symmetric kernel; the Slices and the Concat run on uint8);
 * QDQ format, **uint8 activations with symmetric int8 per-channel weights** (U8S8): the only
   combination for which MLAS on AVX2 has its symmetric indirect-conv kernel (``vpmaddubsw``);
 * ``reduce_range``: 7-bit weights, so ``vpmaddubsw``'s int16 pair sums cannot saturate
   (255·63·2 < 32767); without it the 3-channel convs lose accuracy;
-* only Conv, Gemm, MaxPool, Relu, Reshape and Slice are quantized; the θ head's last Gemm, the
+* only Conv, Gemm, MaxPool, Relu, Reshape, Slice and Concat are quantized; the θ head's last Gemm, the
   affine-grid math and GridSample stay fp32 (a sampling-coordinate error moves pixels);
 * ONNX Runtime's graph optimization at ``all``, where the QDQ pairs fold into QLinearConv /
   QGemm and the conv chain runs in NHWC uint8 end to end.
@@ -63,9 +65,10 @@ class Int8Config:
     reduce_range: bool = True
     calibrate_method: str = "MinMax"  # MinMax | Entropy | Percentile
     # None: onnxruntime's default list (every op it can quantize).
-    op_types: tuple[str, ...] | None = ("Conv", "Gemm", "MaxPool", "Relu", "Reshape", "Slice")
+    op_types: tuple[str, ...] | None = ("Conv", "Gemm", "MaxPool", "Relu", "Reshape", "Slice", "Concat")
     keep_theta_fp32: bool = True  # θ head's last Gemm, the affine grid and the sampler stay fp32
     exact_rewrites: bool = True  # graph_rewrites.rewrite_exact before quantizing
+    unfold_conv_rows: bool = True  # graph_rewrites.unfold_conv_rows: RGB convs as C_in % 4 == 0 convs
     pre_process: bool = True  # onnxruntime.quantization.shape_inference.quant_pre_process
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +81,8 @@ FAST_CPU = Int8Config()
 # What quantize_static does when given nothing but a model and a reader (for comparison).
 ORT_DEFAULT = Int8Config(
     name="ort-default-qdq", activation_type="int8", weight_type="int8", per_channel=False,
-    reduce_range=False, op_types=None, keep_theta_fp32=False, exact_rewrites=False, pre_process=False,
+    reduce_range=False, op_types=None, keep_theta_fp32=False, exact_rewrites=False, unfold_conv_rows=False,
+    pre_process=False,
 )
 CONFIGS = {c.name: c for c in (FAST_CPU, ORT_DEFAULT)}
 
@@ -357,6 +361,8 @@ def quantize_int8(
 
     _ensure_names(model)
     rewrites = graph_rewrites.rewrite_exact(model) if config.exact_rewrites else {}
+    if config.unfold_conv_rows:
+        rewrites["unfold_conv_rows"] = graph_rewrites.unfold_conv_rows(model)
     excluded = theta_path_nodes(model) if config.keep_theta_fp32 else []
 
     with tempfile.TemporaryDirectory(prefix="stn-int8-") as tmp_dir:

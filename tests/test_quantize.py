@@ -15,7 +15,7 @@ from stn_deploy import metadata as md
 from stn_deploy.errors import ExportCheckError
 from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as export_main
-from stn_deploy.export.graph_rewrites import rewrite_exact
+from stn_deploy.export.graph_rewrites import rewrite_exact, unfold_conv_rows
 from stn_deploy.export.precision import FP16_MAX_ABS_DIFF, convert_fp16
 from stn_deploy.export.quantize import FAST_CPU, quantize_int8, theta_path_nodes
 from stn_deploy.model import STNConfig
@@ -63,6 +63,21 @@ def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
     assert np.abs(a - b).max() <= 1e-5
 
 
+def test_unfold_conv_rows_keeps_outputs_and_makes_channels_a_multiple_of_4(small_onnx, tmp_path):
+    model = onnx.load(str(small_onnx))
+    rewrite_exact(model)
+    assert unfold_conv_rows(model) == 2  # the localization net's and the classifier's RGB convs
+    onnx.checker.check_model(model, full_check=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        assert inits[conv.input[1]].dims[1] % 4 == 0
+    onnx.save(model, tmp_path / "unfolded.onnx")
+    x = _images(16, 7)
+    a = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    b = ort.InferenceSession(str(tmp_path / "unfolded.onnx"), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    assert np.abs(a - b).max() <= 1e-5
+
+
 def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     cal, ev = _images(128, 2), _images(200, 3)
     labels = _fp32_labels(small_onnx, ev)  # fp32 is 100% right by construction: int8 accuracy = agreement
@@ -73,6 +88,7 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     assert report.int8_accuracy == pytest.approx(report.top1_agreement)
     assert report.accuracy_drop == pytest.approx(100.0 - report.int8_accuracy)
     assert report.config == FAST_CPU.to_dict()
+    assert report.rewrites["unfold_conv_rows"] == 2 and report.op_counts.get("Concat") == 2
     assert report.op_counts.get("QuantizeLinear", 0) > 0 and report.op_counts.get("GridSample") == 1
 
     model = onnx.load(str(out))
