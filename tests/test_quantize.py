@@ -54,7 +54,8 @@ def _fp32_labels(path, images):
 def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
     model = onnx.load(str(small_onnx))
     counts = rewrite_exact(model)
-    assert counts == {"relu_before_maxpool": 4, "affine_grid_as_matmul": 1, "crop_unpooled_conv_input": 1}
+    assert counts == {"relu_before_maxpool": 4, "affine_grid_as_matmul": 1, "crop_unpooled_conv_input": 1,
+                      "crop_through_pool": 1}
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, tmp_path / "rewritten.onnx")
     x = _images(16, 1)
