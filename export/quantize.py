@@ -13,7 +13,8 @@ AVX2 CPU without VNNI (benchmarks/INT8.md has the measurements and the reasons):
 * the fp32 graph first gets the exact rewrites of :mod:`.graph_rewrites` (ReLU before MaxPool,
   the affine grid as one MatMul, the unread conv rows cropped), and the RGB convs are unfolded
   into 1×K convs over row-shifted copies of their input (``unfold_conv_rows``: C_in 3 → 24 / 16,
-  so they too get the symmetric kernel; the Slices and the Concat run on uint8);
+  so they too get the symmetric kernel; the Slices and the Concat run on uint8, and the image and
+  the sampler's output are each quantized once, before the Slices, not once per Slice);
 * QDQ format, **uint8 activations with symmetric int8 per-channel weights** (U8S8): the only
   combination for which MLAS on AVX2 has its symmetric indirect-conv kernel (``vpmaddubsw``);
 * ``reduce_range``: 7-bit weights, so ``vpmaddubsw``'s int16 pair sums cannot saturate
@@ -69,6 +70,9 @@ class Int8Config:
     keep_theta_fp32: bool = True  # θ head's last Gemm, the affine grid and the sampler stay fp32
     exact_rewrites: bool = True  # graph_rewrites.rewrite_exact before quantizing
     unfold_conv_rows: bool = True  # graph_rewrites.unfold_conv_rows: RGB convs as C_in % 4 == 0 convs
+    # Quantize the tensors the unfolding Slices read (the image, the sampler's output) once, so the
+    # Slices copy uint8 (ForceQuantizeNoInputCheck); fp32 readers of them keep the fp32 tensor.
+    quantize_slice_inputs: bool = True
     pre_process: bool = True  # onnxruntime.quantization.shape_inference.quant_pre_process
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +86,7 @@ FAST_CPU = Int8Config()
 ORT_DEFAULT = Int8Config(
     name="ort-default-qdq", activation_type="int8", weight_type="int8", per_channel=False,
     reduce_range=False, op_types=None, keep_theta_fp32=False, exact_rewrites=False, unfold_conv_rows=False,
-    pre_process=False,
+    quantize_slice_inputs=False, pre_process=False,
 )
 CONFIGS = {c.name: c for c in (FAST_CPU, ORT_DEFAULT)}
 
@@ -286,6 +290,30 @@ def theta_path_nodes(model: onnx.ModelProto) -> list[str]:
     return [n for n in names if n]
 
 
+def float_readers_read_float(model: onnx.ModelProto, quantized_op_types: tuple[str, ...] | None) -> int:
+    """Point unquantized readers of ``DequantizeLinear(QuantizeLinear(x))``, ``x`` a graph input, back at ``x``.
+
+    With ``ForceQuantizeNoInputCheck`` the quantizer rounds the image through uint8 for every
+    reader, the fp32 GridSample included; the sampler then reads the fp32 image again, as in the
+    fp32 model (only the Slices of the unfolded conv read the uint8 copy).
+    """
+    if quantized_op_types is None:
+        return 0
+    producers = {o: n for n in model.graph.node for o in n.output}
+    graph_inputs = {i.name for i in model.graph.input}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type in quantized_op_types or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in graph_inputs:
+                node.input[i] = q.input[0]
+                count += 1
+    return count
+
+
 # -- running and comparing ------------------------------------------------------------------------
 def _session(path_or_bytes, threads: int = 2):
     import onnxruntime as ort
@@ -377,6 +405,8 @@ def quantize_int8(
         kwargs: dict[str, Any] = {}
         if config.op_types is not None:
             kwargs["op_types_to_quantize"] = list(config.op_types)
+        if config.quantize_slice_inputs:
+            kwargs["extra_options"] = {"ForceQuantizeNoInputCheck": True}
         try:
             quantize_static(
                 str(prepared),
@@ -397,6 +427,8 @@ def quantize_int8(
             msg = " ".join(str(exc).split())[:300]
             raise ExportCheckError(f"{source}: int8 quantization failed ({type(exc).__name__}: {msg})") from None
         int8_model = onnx.load(str(quantized))
+    if config.quantize_slice_inputs:
+        rewrites["float_readers_of_quantized_inputs"] = float_readers_read_float(int8_model, config.op_types)
 
     evaluate = eval_images if eval_images is not None else calibration
     labels = eval_labels if eval_images is not None else None

@@ -102,6 +102,9 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     producers = {o: n for n in model.graph.node for o in n.output}
     sampler = next(n for n in model.graph.node if n.op_type == "GridSample")
     assert producers[sampler.input[1]].op_type != "DequantizeLinear"
+    # the image is quantized once, for the unfolding's Slices; the sampler reads the fp32 image
+    assert [n.op_type for n in model.graph.node if md.INPUT in n.input].count("QuantizeLinear") == 1
+    assert sampler.input[0] == md.INPUT and report.rewrites["float_readers_of_quantized_inputs"] == 1
     assert set(report.excluded_nodes) == set(theta_path_nodes(model)) - {""} or report.excluded_nodes
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
