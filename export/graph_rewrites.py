@@ -65,6 +65,29 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+_NO_AUTO_PAD = (b"NOTSET", "NOTSET", b"VALID", "VALID")
+
+
+def _unpadded_unit_stride(conv: onnx.NodeProto) -> bool:
+    """No padding, stride 1, dilation 1: each output row/column reads ``kernel`` input rows/columns."""
+    return (
+        not any(_attr(conv, "pads", [0, 0, 0, 0]))
+        and all(v == 1 for v in _attr(conv, "strides", [1, 1]))
+        and all(v == 1 for v in _attr(conv, "dilations", [1, 1]))
+        and _attr(conv, "auto_pad", b"NOTSET") in _NO_AUTO_PAD
+    )
+
+
+def _floor_unpadded_pool(pool: onnx.NodeProto) -> bool:
+    """A MaxPool in floor mode with no padding or dilation (it may skip trailing rows/columns)."""
+    return (
+        not _attr(pool, "ceil_mode", 0)
+        and not any(_attr(pool, "pads", [0, 0, 0, 0]))
+        and all(v == 1 for v in _attr(pool, "dilations", [1, 1]))
+        and _attr(pool, "auto_pad", b"NOTSET") in _NO_AUTO_PAD
+    )
+
+
 def _drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
     kept = [v for v in graph.value_info if v.name not in names]
     del graph.value_info[:]
@@ -205,12 +228,7 @@ def crop_unpooled_conv_input(model: onnx.ModelProto) -> int:
         weight = _initializer(graph, conv.input[1])
         if weight is None or weight.ndim != 4:
             continue
-        if (
-            any(_attr(conv, "pads", [0, 0, 0, 0]))
-            or any(v != 1 for v in _attr(conv, "strides", [1, 1]))
-            or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
-            or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
-        ):
+        if not _unpadded_unit_stride(conv):
             continue
         chain = [conv]
         nxt = consumers.get(conv.output[0], [])
@@ -221,9 +239,7 @@ def crop_unpooled_conv_input(model: onnx.ModelProto) -> int:
             continue
         pool = nxt[0]
         kernel, strides = _attr(pool, "kernel_shape"), _attr(pool, "strides", [1, 1])
-        if _attr(pool, "ceil_mode", 0) or any(_attr(pool, "pads", [0, 0, 0, 0])) or any(v != 1 for v in _attr(pool, "dilations", [1, 1])):
-            continue
-        if _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        if not _floor_unpadded_pool(pool):
             continue
         _, height, width = shapes[conv.input[0]]
         kh, kw = weight.shape[2:]
@@ -274,9 +290,7 @@ def crop_through_pool(model: onnx.ModelProto) -> int:
         pool = producers.get(crop.input[0])
         if pool is None or pool.op_type != "MaxPool" or len(pool.output) != 1 or len(consumers.get(pool.output[0], [])) != 1:
             continue
-        if _attr(pool, "ceil_mode", 0) or any(_attr(pool, "pads", [0, 0, 0, 0])) or any(v != 1 for v in _attr(pool, "dilations", [1, 1])):
-            continue
-        if _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        if not _floor_unpadded_pool(pool):
             continue
         chain = [pool]
         node = producers.get(pool.input[0])
@@ -287,13 +301,7 @@ def crop_through_pool(model: onnx.ModelProto) -> int:
         if conv is None or conv.op_type != "Conv" or len(consumers.get(conv.output[0], [])) != 1 or conv.input[0] not in shapes:
             continue
         weight = _initializer(graph, conv.input[1])
-        if (
-            weight is None or weight.ndim != 4
-            or any(_attr(conv, "pads", [0, 0, 0, 0]))
-            or any(v != 1 for v in _attr(conv, "strides", [1, 1]))
-            or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
-            or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
-        ):
+        if weight is None or weight.ndim != 4 or not _unpadded_unit_stride(conv):
             continue
         _, height, width = shapes[conv.input[0]]
         kernel, strides = _attr(pool, "kernel_shape"), _attr(pool, "strides", [1, 1])
@@ -374,13 +382,7 @@ def unfold_conv_rows(model: onnx.ModelProto, max_input_channels: int = 4, multip
         weight = _initializer(graph, conv.input[1])
         if weight is None or weight.ndim != 4 or weight.shape[1] > max_input_channels or weight.shape[2] == 1:
             continue
-        if (
-            _attr(conv, "group", 1) != 1
-            or any(_attr(conv, "pads", [0, 0, 0, 0]))
-            or any(v != 1 for v in _attr(conv, "strides", [1, 1]))
-            or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
-            or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
-        ):
+        if _attr(conv, "group", 1) != 1 or not _unpadded_unit_stride(conv):
             continue
         out_ch, in_ch, kh, kw = weight.shape
         _, height, _ = shapes[conv.input[0]]
