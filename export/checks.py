@@ -13,6 +13,7 @@ import onnx
 import onnx.checker
 import onnx.shape_inference
 
+from ..errors import one_line
 from .report import CheckResult
 
 BATCH_SIZES = (1, 7, 64)
@@ -38,8 +39,7 @@ def run_check(name: str, fn, *args, **kwargs) -> CheckResult:
     try:
         passed, message, details = fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure inside a check is that check failing
-        msg = " ".join(str(exc).split())
-        return CheckResult(name, False, f"{type(exc).__name__}: {msg[:300]}")
+        return CheckResult(name, False, one_line(exc))
     return CheckResult(name, bool(passed), message, details)
 
 

@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from .. import metadata as md
 from ..checkpoint import versions
-from ..errors import ExportCheckError, StnDeployError
+from ..errors import ExportCheckError, StnDeployError, one_line
 from ..fileio import atomic_path
 from ..preprocessing import Preprocessing
 from . import checks
@@ -131,7 +131,7 @@ def _export_onnx(src: ExportSource, tgt: Target, opset: int, outputs: tuple[str,
     except StnDeployError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch.export failures become one line
-        raise ExportCheckError(f"{src.path}: check 'export' failed: torch.export: {_one_line(exc)}") from None
+        raise ExportCheckError(f"{src.path}: check 'export' failed: torch.export: {one_line(exc)}") from None
     theta_head = src.theta_head()  # its parameter names are the ONNX initializer names
 
     example = torch.zeros((2, *src.input_shape))
@@ -150,7 +150,7 @@ def _export_onnx(src: ExportSource, tgt: Target, opset: int, outputs: tuple[str,
                 verbose=False,
             )
     except Exception as exc:  # noqa: BLE001
-        raise ExportCheckError(f"{src.path}: check 'export' failed: torch.onnx.export: {_one_line(exc)}") from None
+        raise ExportCheckError(f"{src.path}: check 'export' failed: torch.onnx.export: {one_line(exc)}") from None
     model = onnx_program.model_proto
     strip_debug_metadata(model)
     rename_batch_dim(model, BATCH_DIM)
@@ -370,6 +370,3 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
     return dict(sorted(counts.items()))
 
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import one_line
 from ..metadata import LOG_PROBS
 from .report import OutputDiff, ParityStats
 
@@ -97,7 +98,7 @@ def _load_dataset_samples(
     try:
         result = load_samples(dataset, n, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a missing dataset only means this input kind is skipped
-        return None, f"dataset '{dataset}' not loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+        return None, f"dataset '{dataset}' not loaded ({one_line(exc, 120)})"
     if result is None:
         return None, f"dataset '{dataset}' not available on this machine"
     if (

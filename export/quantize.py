@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from .. import metadata as md
-from ..errors import DatasetError, ExportCheckError, ModelFileError, StnDeployError
+from ..errors import DatasetError, ExportCheckError, ModelFileError, StnDeployError, one_line
 from ..fileio import atomic_path
 from ..preprocessing import Preprocessing
 from . import graph_rewrites
@@ -424,8 +424,7 @@ def quantize_int8(
         except StnDeployError:
             raise
         except Exception as exc:  # noqa: BLE001
-            msg = " ".join(str(exc).split())[:300]
-            raise ExportCheckError(f"{source}: int8 quantization failed ({type(exc).__name__}: {msg})") from None
+            raise ExportCheckError(f"{source}: int8 quantization failed ({one_line(exc)})") from None
         int8_model = onnx.load(str(quantized))
     if config.quantize_slice_inputs:
         rewrites["float_readers_of_quantized_inputs"] = float_readers_read_float(int8_model, config.op_types)

@@ -32,7 +32,7 @@ import click
 import numpy as np
 
 from .cli import report_errors, to_json
-from .errors import ModelFileError, StnDeployError
+from .errors import ModelFileError, StnDeployError, one_line
 
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 EAGER = "pytorch-eager-cpu"
@@ -319,7 +319,7 @@ def run_benchmark(
         except BackendUnavailable as exc:
             b.status, b.reason = "skipped", str(exc)
         except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the others
-            b.status, b.reason = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            b.status, b.reason = "failed", one_line(exc, 200)
     live = [b for b in backends if b.status == "ok"]
 
     agreement = _agreement(live, inputs[: max(batch_sizes)])

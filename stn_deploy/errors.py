@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``"TypeName: message"`` with the message's whitespace collapsed and cut at ``limit`` characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
 class StnDeployError(Exception):
     """An error a command reports as a one-line message (never a traceback).
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, one_line
 from .preprocessing import Preprocessing
 
 # PNG, JPEG, BMP, WebP, TIFF, GIF (first frame).
@@ -149,7 +149,7 @@ def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None =
         prefix = f"{path}: "
         return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
-        return DecodeResult(path, error=f"cannot decode ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+        return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})")
     return DecodeResult(path, array=pixels)
 
 
