@@ -373,14 +373,14 @@ def _agreement(live: list[Backend], batch: np.ndarray) -> dict[str, dict[str, An
 def machine_info(threads: int) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags]
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        isa = []
+        cpuinfo = []
+    model_name = next((ln for ln in cpuinfo if ln.startswith("model name")), None)
+    if model_name is not None:
+        cpu = model_name.split(":", 1)[1].strip()
+    flags = next((ln for ln in cpuinfo if ln.startswith("flags")), "")
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags]
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for mod in ("onnxruntime", "torch", "openvino"):
         try:
