@@ -20,8 +20,11 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ImageError, one_line
 from .preprocessing import Preprocessing
 
-# PNG, JPEG, BMP, WebP, TIFF, GIF (first frame).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+# PNG, JPEG, BMP, WebP, TIFF, GIF (first frame), Netpbm PPM/PGM. Training (imagefolder:) and
+# stn-infer read the same set, so a folder a model was trained on can be classified as it is.
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+)
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: decompression-bomb guard, per file
 
 

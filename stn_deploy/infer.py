@@ -312,7 +312,7 @@ def run_inference(
 HELP = f"""Classify every image under IMAGES (a directory, searched recursively, or one file).
 
 \b
-Reads PNG, JPEG, BMP, WebP, TIFF and GIF (first frame); grayscale, RGBA, palette and 16-bit
+Reads PNG, JPEG, BMP, WebP, TIFF, GIF (first frame) and PPM/PGM; grayscale, RGBA, palette and 16-bit
 images are converted and resized as the model's metadata says. Files are processed in sorted
 path order; hidden files and directories are skipped.
 

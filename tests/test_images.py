@@ -166,3 +166,21 @@ def test_missing_or_empty_directory_is_a_clear_error(tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(ImageDirectoryError, match=r"no image files \(1 other files\)"):
         find_images(tmp_path)
+
+
+def test_training_and_inference_read_the_same_image_files(tmp_path):
+    """imagefolder: training and stn-infer share one extension list (Netpbm included)."""
+    from stn_deploy.train.data import load_dataset
+
+    pixels = _pixels()
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.ppm")
+    listing = find_images(tmp_path)
+    assert len(listing.files) == 10
+    loaded = load_dataset(f"imagefolder:{tmp_path}", "train")
+    image, _ = loaded.dataset[0]
+    assert tuple(image.shape) == loaded.preprocessing.input_shape
+    decoded = decode(listing.files[0], loaded.preprocessing)
+    assert decoded.error is None

@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from stn_deploy.errors import DatasetError
+from stn_deploy.errors import DatasetError, ImageError
+from stn_deploy.images import IMAGE_EXTENSIONS, open_image
 from stn_deploy.preprocessing import Preprocessing
 
 DATASETS = ("digits", "cifar10", "mnist", "imagefolder:PATH")
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIR = Path("data")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # Standard per-channel statistics of the torchvision datasets (training split).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -357,11 +356,10 @@ class ImageFiles(Dataset):
     def pixels(self, index: int) -> np.ndarray:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                image.load()
+            with open_image(path) as image:
                 return self.preprocessing.to_uint8(image)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DatasetError(f"{path}: cannot read image ({exc})") from None
+        except ImageError as exc:
+            raise DatasetError(str(exc)) from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.preprocessing.normalize(self.pixels(index))), self.labels[index]
