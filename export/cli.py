@@ -9,6 +9,7 @@ import click
 
 from ..cli import report_errors, to_json
 from ..errors import ExportCheckError
+from .quantize import CONFIGS as INT8_CONFIGS
 from .targets import TARGETS
 
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
@@ -99,6 +100,9 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 )
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write MODEL.int8.onnx: ONNX Runtime static int8, fast CPU configuration (benchmarks/INT8.md).")
+@click.option("--int8-config", type=click.Choice(list(INT8_CONFIGS)), default="fast-cpu", show_default=True,
+              help="int8 configuration: fast-cpu (fastest on ONNX Runtime's CPU EP), plain (no conv unfolding; for OpenVINO "
+                   "and other int8 runtimes), ort-default-qdq (quantize_static's defaults, for comparison).")
 @click.option("--calibration", default=None, help="int8 calibration samples: an image DIR or a dataset name (its train split).")
 @click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
               help="Refuse the int8 model if it loses more top-1 points than this on the test split (negative: no limit).")
@@ -123,6 +127,7 @@ def main(
     channels: str | None,
     class_names: str | None,
     quantize: str | None,
+    int8_config: str,
     calibration: str | None,
     max_accuracy_drop: float,
     precision: str,
@@ -192,6 +197,7 @@ def main(
 
         variants = derive_variants(
             report.output, quantize=quantize, calibration=calibration, precision=precision, data_dir=data_dir,
+            int8_config=int8_config,
             max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
             echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
         )

@@ -82,13 +82,17 @@ class Int8Config:
 
 
 FAST_CPU = Int8Config()
+# FAST_CPU without the row unfolding: every conv keeps its own shape, so the graph is the plain
+# QDQ form that other int8 runtimes read best (OpenVINO's 3-channel int8 convs beat the unfolded
+# ones; benchmarks/INT8.md). ONNX Runtime runs it slower than FAST_CPU.
+PLAIN = dataclasses.replace(FAST_CPU, name="plain", unfold_conv_rows=False, quantize_slice_inputs=False)
 # What quantize_static does when given nothing but a model and a reader (for comparison).
 ORT_DEFAULT = Int8Config(
     name="ort-default-qdq", activation_type="int8", weight_type="int8", per_channel=False,
     reduce_range=False, op_types=None, keep_theta_fp32=False, exact_rewrites=False, unfold_conv_rows=False,
     quantize_slice_inputs=False, pre_process=False,
 )
-CONFIGS = {c.name: c for c in (FAST_CPU, ORT_DEFAULT)}
+CONFIGS = {c.name: c for c in (FAST_CPU, PLAIN, ORT_DEFAULT)}
 
 
 @dataclass

@@ -199,8 +199,13 @@ def plan_backends(
     fp16_model: Path | None,
     threads: int,
     only: set[str] | None = None,
+    openvino_int8_model: Path | None = None,
 ) -> list[Backend]:
-    """Every backend stn-bench knows, each later loaded or marked skipped with its reason."""
+    """Every backend stn-bench knows, each later loaded or marked skipped with its reason.
+
+    The OpenVINO int8 row reads ``openvino_int8_model`` when given (e.g. ``stn-export
+    --int8-config plain``, the layout OpenVINO runs fastest), else ``int8_model``.
+    """
     plan: list[tuple[Runner, str]] = []
     no_ckpt = "no --checkpoint given (PyTorch eager runs from the checkpoint)"
     if checkpoint is not None:
@@ -217,7 +222,8 @@ def plan_backends(
     plan.append((OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True), ""))
     plan.append((OpenVinoRunner(model, None, "default", threads), ""))
     plan.append((OpenVinoRunner(model, "f32", "f32", threads), ""))
-    plan.append(_optional(int8_model, "--int8-model", lambda p: OpenVinoRunner(p, None, "int8", threads), "openvino-cpu-int8", "openvino", "cpu"))
+    plan.append(_optional(openvino_int8_model or int8_model, "--int8-model or --openvino-int8-model",
+                          lambda p: OpenVinoRunner(p, None, "int8", threads), "openvino-cpu-int8", "openvino", "cpu"))
     backends = []
     for runner, reason in plan:
         if only is not None and runner.name not in only and runner.name != EAGER:
@@ -461,6 +467,9 @@ def _batch_sizes(text: str) -> list[int]:
 @click.option("--model", "model", type=click.Path(path_type=Path), required=True, help="fp32 ONNX file from stn-export.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="The checkpoint it came from (PyTorch eager rows).")
 @click.option("--int8-model", type=click.Path(path_type=Path), default=None, help="int8 ONNX file (stn-export --quantize int8): ORT and OpenVINO int8 rows.")
+@click.option("--openvino-int8-model", type=click.Path(path_type=Path), default=None,
+              help="int8 ONNX file for the OpenVINO int8 row (default: --int8-model); stn-export --int8-config plain "
+                   "writes the layout OpenVINO runs fastest.")
 @click.option("--fp16-model", type=click.Path(path_type=Path), default=None, help="fp16 ONNX file (stn-export --precision fp16): ORT CUDA fp16 row.")
 @click.option("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Intra-op threads for every CPU backend.")
@@ -475,7 +484,8 @@ def _batch_sizes(text: str) -> list[int]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
 def main(
-    model: Path, checkpoint: Path | None, int8_model: Path | None, fp16_model: Path | None, batch_sizes: str,
+    model: Path, checkpoint: Path | None, int8_model: Path | None, openvino_int8_model: Path | None,
+    fp16_model: Path | None, batch_sizes: str,
     threads: int, warmup: int, iterations: int, rounds: int, inputs: str, only: str | None, as_json: bool,
     plot_path: Path | None, quiet: bool,
 ) -> None:
@@ -491,13 +501,14 @@ def main(
       stn-bench --model stn.onnx --batch-sizes 1,256 --json > bench.json
     """
     sizes = _batch_sizes(batch_sizes)
-    for path, flag in ((model, "--model"), (checkpoint, "--checkpoint"), (int8_model, "--int8-model"), (fp16_model, "--fp16-model")):
+    for path, flag in ((model, "--model"), (checkpoint, "--checkpoint"), (int8_model, "--int8-model"),
+                       (openvino_int8_model, "--openvino-int8-model"), (fp16_model, "--fp16-model")):
         if path is not None and not Path(path).is_file():
             raise ModelFileError(f"{path}: no such file ({flag})")
     if rounds > iterations:
         rounds = iterations
     wanted = {n.strip() for n in only.split(",") if n.strip()} if only else None
-    backends = plan_backends(model, checkpoint, int8_model, fp16_model, threads, wanted)
+    backends = plan_backends(model, checkpoint, int8_model, fp16_model, threads, wanted, openvino_int8_model)
     if wanted:
         known = {b.runner.name for b in plan_backends(model, checkpoint, int8_model, fp16_model, threads)}
         unknown = wanted - known

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_checkpoint
-from stn_deploy.bench import OrtRunner, TorchRunner, main
+from stn_deploy.bench import OrtRunner, TorchRunner, main, plan_backends
 from stn_deploy.export import export_model
 from stn_deploy.model import STNConfig
 
@@ -69,3 +69,14 @@ def test_stn_bench_json_table_and_plot(exported, tmp_path):
 def test_stn_bench_bad_input_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["--model", str(tmp_path / "missing.onnx")])
     assert result.exit_code != 0 and "missing.onnx" in result.output and "Traceback" not in result.output
+
+
+def test_openvino_int8_row_reads_its_own_model_when_given(tmp_path):
+    fp32, int8, plain = tmp_path / "m.onnx", tmp_path / "m.int8.onnx", tmp_path / "m_plain.int8.onnx"
+    runners = {b.runner.name: b for b in plan_backends(fp32, None, int8, None, 2, openvino_int8_model=plain)}
+    assert runners["ort-cpu-int8"].runner.model == int8
+    assert runners["openvino-cpu-int8"].runner.model == plain
+    runners = {b.runner.name: b for b in plan_backends(fp32, None, int8, None, 2)}
+    assert runners["openvino-cpu-int8"].runner.model == int8
+    runners = {b.runner.name: b for b in plan_backends(fp32, None, None, None, 2)}
+    assert runners["openvino-cpu-int8"].status == "skipped" and "--openvino-int8-model" in runners["openvino-cpu-int8"].reason

@@ -174,6 +174,20 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     assert payload["int8"]["accuracy_drop_measure"].startswith("disagreement")
     assert (tmp_path / "cli.int8.onnx").is_file() and (tmp_path / "cli.onnx").is_file()
 
+    # --int8-config plain: the same quantization without the row unfolding (the layout OpenVINO runs best)
+    plain = CliRunner().invoke(
+        export_main,
+        [str(ckpt), "-o", str(tmp_path / "plain.onnx"), "--parity-samples", "8", "-q", "--json", "--quantize", "int8",
+         "--int8-config", "plain", "--calibration", str(images), "--max-accuracy-drop", "50"],
+    )
+    assert plain.exit_code == 0, plain.output
+    report = json.loads(plain.stdout)["int8"]
+    assert report["config"]["name"] == "plain" and report["config"]["unfold_conv_rows"] is False
+    assert "unfold_conv_rows" not in report["rewrites"] and report["op_counts"].get("Concat", 0) == 0
+    assert report["op_counts"].get("QuantizeLinear", 0) > 0
+    session = ort.InferenceSession(str(tmp_path / "plain.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {md.INPUT: _images(3, 8)})[0].shape == (3, 10)
+
     missing = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "m.onnx"), "-q", "--quantize", "int8",
                                                "--calibration", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
