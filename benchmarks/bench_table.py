@@ -19,7 +19,7 @@ What it does, each step through the real command a user runs:
    * batch-1 p50 latency ≤ 0.2 ms.
 
 Run on a quiet machine (nothing else using the cores):
-    .venv/bin/python benchmarks/bench_table.py [--iterations 100 --rounds 25] [--checkpoint stn.pt]
+    .venv/bin/python benchmarks/bench_table.py [--iterations 100 --rounds 10] [--checkpoint stn.pt]
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=REPO / "build" / "bench_table", help="models go here")
     ap.add_argument("--checkpoint", type=Path, default=None, help="reuse this checkpoint instead of training")
     ap.add_argument("--threads", type=int, default=2)
-    # Many short interleaved rounds: on a shared 2-vCPU VM the 2-thread speed drifts between two
-    # levels for seconds at a time, and short rounds spread that drift evenly over the backends.
+    # Ten interleaved rounds: on a shared 2-vCPU VM the 2-thread speed drifts between two levels for
+    # seconds at a time, and more, shorter rounds spread that drift over the backends more evenly.
     ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch-sizes", default="1,8,64,256")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_table.json")
     args = ap.parse_args()

@@ -12,7 +12,12 @@ OpenVINO on CPU when installed (its default precision hint, f32, and int8 from t
 
 Measurement. For each batch size every backend runs ``warmup`` untimed calls, then ``iterations``
 timed calls split over ``rounds`` interleaved rounds (backend A, B, C, A, B, C, ...), so a burst
-of load from another process hits every backend alike. Latency is per call (p50/p90/p99, ms);
+of load from another process hits every backend alike. Between one backend's calls and the next
+backend's, the benchmark pauses ``settle_ms``: each runtime's idle worker threads keep spinning for
+a while after a call (ONNX Runtime's pool, PyTorch's OpenMP team, OpenVINO's TBB arena), and on a
+2-core machine that spin steals the cores from whichever backend runs next (measured here: OpenVINO
+int8 53 ms per batch of 256 right after ONNX Runtime, 24 ms after a 100 ms pause; ONNX Runtime
+35 ms right after PyTorch, 29 ms after the pause). Latency is per call (p50/p90/p99, ms);
 throughput is images per second at the p50 latency; each backend's ratio is taken against
 PyTorch eager on the CPU at the same batch size in the same run.
 """
@@ -35,6 +40,7 @@ from .cli import report_errors, to_json
 from .errors import ModelFileError, StnDeployError, one_line
 
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
+DEFAULT_SETTLE_MS = 100.0
 EAGER = "pytorch-eager-cpu"
 
 
@@ -310,6 +316,7 @@ def run_benchmark(
     warmup: int = 5,
     iterations: int = 30,
     rounds: int = 3,
+    settle_ms: float = DEFAULT_SETTLE_MS,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Load every backend, then time them interleaved. Returns (results, agreement per backend)."""
@@ -341,6 +348,8 @@ def run_benchmark(
             for b in live:
                 bar.set_postfix_str(f"{b.runner.name} b{bs}")
                 m = measurements[(b.runner.name, bs)]
+                if len(live) > 1:
+                    time.sleep(settle_ms / 1000.0)  # let the previous backend's spinning threads go idle
                 for _ in range(n):
                     start = time.perf_counter()
                     b.runner.infer(batch)
@@ -399,7 +408,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"stn-bench: {report['model']}  threads={report['threads']}  inputs={report['inputs']}  "
-        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved)",
+        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} ms settle)",
         f"machine: {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical CPUs, "
         f"{'/'.join(report['machine']['isa']) or 'no AVX2'})",
         "",
@@ -476,6 +485,8 @@ def _batch_sizes(text: str) -> list[int]:
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per backend and batch size.")
 @click.option("--iterations", type=click.IntRange(min=1), default=30, show_default=True, help="Timed calls per backend and batch size.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved rounds the iterations are split over.")
+@click.option("--settle-ms", type=click.FloatRange(min=0), default=DEFAULT_SETTLE_MS, show_default=True,
+              help="Pause before each backend's turn in a round, so the previous runtime's spinning threads go idle.")
 @click.option("--inputs", default="auto", show_default=True,
               help="auto (the model's dataset test split when available, else random), random, an image directory, or a dataset name.")
 @click.option("--backends", "only", default=None, help="Comma-separated backend names to run (default: all; PyTorch eager CPU always runs when it can).")
@@ -486,7 +497,7 @@ def _batch_sizes(text: str) -> list[int]:
 def main(
     model: Path, checkpoint: Path | None, int8_model: Path | None, openvino_int8_model: Path | None,
     fp16_model: Path | None, batch_sizes: str,
-    threads: int, warmup: int, iterations: int, rounds: int, inputs: str, only: str | None, as_json: bool,
+    threads: int, warmup: int, iterations: int, rounds: int, settle_ms: float, inputs: str, only: str | None, as_json: bool,
     plot_path: Path | None, quiet: bool,
 ) -> None:
     """Benchmark MODEL on every available backend with the same input batches: PyTorch eager
@@ -522,7 +533,8 @@ def main(
     except StnDeployError:
         raise
     x = make_inputs(shape, max(sizes), inputs, model)
-    results, agreement = run_benchmark(backends, x, sizes, warmup=warmup, iterations=iterations, rounds=rounds, progress=not quiet)
+    results, agreement = run_benchmark(backends, x, sizes, warmup=warmup, iterations=iterations, rounds=rounds,
+                                       settle_ms=settle_ms, progress=not quiet)
     report = {
         "model": str(model),
         "threads": threads,
@@ -530,6 +542,7 @@ def main(
         "warmup": warmup,
         "iterations": iterations,
         "rounds": rounds,
+        "settle_ms": settle_ms,
         "inputs": inputs,
         "machine": machine_info(threads),
         "backends": [b.to_dict() for b in backends],
