@@ -99,7 +99,7 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).",
 )
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write MODEL.int8.onnx: ONNX Runtime static int8, fast CPU configuration (benchmarks/INT8.md).")
+              help="Also write MODEL.int8.onnx: ONNX Runtime static int8 in the --int8-config configuration (benchmarks/INT8.md).")
 @click.option("--int8-config", type=click.Choice(list(INT8_CONFIGS)), default="fast-cpu", show_default=True,
               help="int8 configuration: fast-cpu (fastest on ONNX Runtime's CPU EP), plain (no conv unfolding; for OpenVINO "
                    "and other int8 runtimes), ort-default-qdq (quantize_static's defaults, for comparison).")
@@ -150,6 +150,8 @@ def main(
     from .exporter import export_model
     from .sources import parse_class_names
 
+    if int8_config != "fast-cpu" and quantize != "int8":
+        raise click.BadParameter("applies to the int8 model only; add --quantize int8", param_hint="--int8-config")
     pre_overrides = {
         k: v
         for k, v in {

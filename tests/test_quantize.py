@@ -188,6 +188,10 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "plain.int8.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {md.INPUT: _images(3, 8)})[0].shape == (3, 10)
 
+    lone = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "lone.onnx"), "-q", "--int8-config", "plain"])
+    assert lone.exit_code == 2 and "--quantize int8" in lone.output and "Traceback" not in lone.output
+    assert not (tmp_path / "lone.onnx").exists()
+
     missing = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "m.onnx"), "-q", "--quantize", "int8",
                                                "--calibration", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
