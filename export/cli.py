@@ -9,7 +9,7 @@ import click
 
 from ..cli import report_errors, to_json
 from ..errors import ExportCheckError
-from .quantize import CONFIGS as INT8_CONFIGS
+from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
 from .targets import TARGETS
 
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
@@ -100,7 +100,7 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 )
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write MODEL.int8.onnx: ONNX Runtime static int8 in the --int8-config configuration (benchmarks/INT8.md).")
-@click.option("--int8-config", type=click.Choice(list(INT8_CONFIGS)), default="fast-cpu", show_default=True,
+@click.option("--int8-config", type=click.Choice(list(INT8_CONFIGS)), default=FAST_CPU.name, show_default=True,
               help="int8 configuration: fast-cpu (fastest on ONNX Runtime's CPU EP), plain (no conv unfolding; for OpenVINO "
                    "and other int8 runtimes), ort-default-qdq (quantize_static's defaults, for comparison).")
 @click.option("--calibration", default=None, help="int8 calibration samples: an image DIR or a dataset name (its train split).")
@@ -150,7 +150,7 @@ def main(
     from .exporter import export_model
     from .sources import parse_class_names
 
-    if int8_config != "fast-cpu" and quantize != "int8":
+    if int8_config != FAST_CPU.name and quantize != "int8":
         raise click.BadParameter("applies to the int8 model only; add --quantize int8", param_hint="--int8-config")
     pre_overrides = {
         k: v

@@ -49,11 +49,11 @@ def derive_variants(
     max_accuracy_drop: float | None = 0.5,
     precision: str = "fp32",
     data_dir: Path | None = None,
-    int8_config: str = "fast-cpu",
+    int8_config: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the requested variants beside ``fp32_path``; returns ``{"int8": report, "fp16": report}`` dicts."""
-    from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, load_calibration, quantize_int8
+    from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, FAST_CPU, load_calibration, quantize_int8
 
     out: dict[str, Any] = {}
     pre, class_names, dataset = _model_info(fp32_path)
@@ -66,13 +66,14 @@ def derive_variants(
         ev = _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir) or _test_split(dataset, pre, DEFAULT_EVAL_SAMPLES, data_dir)
         if ev is None and cal.labels is not None:
             ev = cal  # a labelled directory and no dataset: the gate uses its labels
-        echo(f"Quantizing {fp32_path} to int8 ({int8_config}; calibration {cal.source}, {len(cal.images)} images)")
+        config = CONFIGS[int8_config] if int8_config else FAST_CPU
+        echo(f"Quantizing {fp32_path} to int8 ({config.name}; calibration {cal.source}, {len(cal.images)} images)")
         report = quantize_int8(
             fp32_path, variant_path(fp32_path, "int8"), cal.images,
             eval_images=ev.images if ev is not None else None,
             eval_labels=ev.labels if ev is not None else None,
             max_accuracy_drop=max_accuracy_drop,
-            config=CONFIGS[int8_config],
+            config=config,
         )
         echo(report.format_table())
         out["int8"] = report.to_dict()
