@@ -1,4 +1,5 @@
-"""``stn-export``: a checkpoint (.pt) or torch.export archive (.pt2) → a verified ONNX file."""
+"""``stn-export``: a checkpoint (.pt) or torch.export archive (.pt2) → a verified ONNX file;
+an fp32 ONNX file it wrote → its int8 / fp16 variant."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..cli import report_errors, to_json
 from ..errors import ExportCheckError
@@ -13,6 +15,9 @@ from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
 from .targets import TARGETS
 
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
+# Options that shape the export itself; an .onnx MODEL has been exported already.
+_EXPORT_ONLY = ("target", "opset", "with_theta", "with_warped", "optimize", "parity_samples",
+                "image_size", "mean", "std", "channels", "class_names")
 
 
 def default_output(model: Path, target: str) -> Path:
@@ -52,7 +57,8 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     type=click.Path(path_type=Path),
     default=None,
     help="ONNX file to write. Default: MODEL with suffix .onnx for --target ort, MODEL.<target>.onnx otherwise "
-    "(stn.pt -> stn.onnx, stn.cuda.onnx, stn.portable.onnx).",
+    "(stn.pt -> stn.onnx, stn.cuda.onnx, stn.portable.onnx). For an .onnx MODEL: the variant's file "
+    "(default MODEL.int8.onnx / MODEL.fp16.onnx).",
 )
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort", show_default=True, help=_TARGET_HELP)
 @click.option(
@@ -140,18 +146,28 @@ def main(
     with PyTorch (max |Δ log-prob| <= 1e-4, identical top-1) on random, dataset and extreme-θ
     inputs. Any failed check exits non-zero and leaves no file.
 
+    Given an fp32 .onnx MODEL that stn-export wrote, --quantize int8 and --precision fp16 derive
+    the variant from it (same gates) without exporting again.
+
     \b
     Examples:
       stn-export stn.pt                          # -> stn.onnx (GridSample-20, opset 20)
       stn-export stn.pt --target cuda            # -> stn.cuda.onnx (GridSample-16, opset 18)
       stn-export stn.pt --target portable --json # -> stn.portable.onnx, report as JSON
       stn-export my_stn.pt2 --mean 0.1307 --std 0.3081 --class-names digits.txt
+      stn-export stn.onnx --quantize int8 --int8-config plain --calibration digits -o stn.plain.int8.onnx
     """
     from .exporter import export_model
     from .sources import parse_class_names
 
     if int8_config != FAST_CPU.name and quantize != "int8":
         raise click.BadParameter("applies to the int8 model only; add --quantize int8", param_hint="--int8-config")
+    if model.suffix.lower() == ".onnx":
+        _derive_from_onnx(
+            model, output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
+            max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
+        )
+        return
     pre_overrides = {
         k: v
         for k, v in {
@@ -206,6 +222,43 @@ def main(
     if as_json:
         click.echo(to_json({**report.to_dict(), **variants}))
     sys.exit(0 if report.passed else 1)
+
+
+def _derive_from_onnx(
+    model: Path,
+    output: Path | None,
+    *,
+    quantize: str | None,
+    precision: str,
+    calibration: str | None,
+    int8_config: str,
+    max_accuracy_drop: float,
+    data_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """``stn-export stn.onnx --quantize int8 ...``: the variants of an fp32 file stn-export wrote."""
+    from .variants import derive_variants
+
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name in _EXPORT_ONLY and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+            raise click.BadParameter(f"{model} is ONNX already; this option shapes an export from .pt/.pt2",
+                                     param_hint="/".join(param.opts))
+    if quantize is None and precision == "fp32":
+        raise click.UsageError(f"{model} is ONNX already: add --quantize int8 and/or --precision fp16 to derive a variant")
+    if output is not None and quantize and precision == "fp16":
+        raise click.BadParameter("names one file but two variants were asked for; leave it out to write both beside MODEL",
+                                 param_hint="-o/--output")
+    if output is not None and model.exists() and output.resolve() == model.resolve():
+        raise click.BadParameter(f"{output} is MODEL itself; the variant needs a file of its own", param_hint="-o/--output")
+    variants = derive_variants(
+        model, quantize=quantize, calibration=calibration, precision=precision, data_dir=data_dir,
+        int8_config=int8_config, max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
+        int8_output=output if quantize else None, fp16_output=output if precision == "fp16" else None,
+        echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
+    )
+    if as_json:
+        click.echo(to_json({"source": str(model), **variants}))
 
 
 if __name__ == "__main__":  # pragma: no cover

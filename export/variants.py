@@ -1,8 +1,10 @@
 """Precision variants derived from a verified fp32 export: ``--quantize int8`` and ``--precision fp16``.
 
 ``stn-export stn.pt --quantize int8 --calibration digits`` writes ``stn.onnx`` (fp32, checked)
-and then ``stn.int8.onnx``; ``--precision fp16`` adds ``stn.fp16.onnx``. Each variant has its own
-gate (:mod:`.quantize`, :mod:`.precision`) and is written only if it passes.
+and then ``stn.int8.onnx``; ``--precision fp16`` adds ``stn.fp16.onnx``. ``stn-export stn.onnx
+--quantize int8 ...`` derives the variant from an fp32 file stn-export wrote earlier, without
+exporting again. Each variant has its own gate (:mod:`.quantize`, :mod:`.precision`) and is
+written only if it passes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import onnx
 
 from .. import metadata as md
-from ..errors import DatasetError
+from ..errors import DatasetError, ModelFileError
 from ..preprocessing import Preprocessing
 
 
@@ -25,8 +27,20 @@ def variant_path(fp32_path: Path, precision: str) -> Path:
 
 
 def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
-    model = onnx.load(str(path), load_external_data=False)
-    meta = md.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+    """Preprocessing, class names and dataset of an fp32 stn-export file; anything else is a one-line error."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any decode failure means "not an ONNX model"
+        raise ModelFileError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    try:
+        meta = md.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+    except ValueError as exc:
+        raise ModelFileError(str(exc)) from None
+    precision = meta.props.get(md.PRECISION, "fp32")
+    if precision != "fp32":
+        raise ModelFileError(f"{path}: precision {precision}, not fp32; variants are derived from the fp32 export")
     return meta.preprocessing, meta.class_names, meta.props.get(md.DATASET, "")
 
 
@@ -50,9 +64,12 @@ def derive_variants(
     precision: str = "fp32",
     data_dir: Path | None = None,
     int8_config: str | None = None,
+    int8_output: Path | None = None,
+    fp16_output: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Write the requested variants beside ``fp32_path``; returns ``{"int8": report, "fp16": report}`` dicts."""
+    """Write the requested variants (default: beside ``fp32_path``, :func:`variant_path`);
+    returns ``{"int8": report, "fp16": report}`` dicts."""
     from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, FAST_CPU, load_calibration, quantize_int8
 
     out: dict[str, Any] = {}
@@ -69,7 +86,7 @@ def derive_variants(
         config = CONFIGS[int8_config] if int8_config else FAST_CPU
         echo(f"Quantizing {fp32_path} to int8 ({config.name}; calibration {cal.source}, {len(cal.images)} images)")
         report = quantize_int8(
-            fp32_path, variant_path(fp32_path, "int8"), cal.images,
+            fp32_path, int8_output or variant_path(fp32_path, "int8"), cal.images,
             eval_images=ev.images if ev is not None else None,
             eval_labels=ev.labels if ev is not None else None,
             max_accuracy_drop=max_accuracy_drop,
@@ -84,7 +101,8 @@ def derive_variants(
         noise = np.random.default_rng(0).standard_normal((4, *pre.input_shape), dtype=np.float32)
         inputs = np.concatenate([ev.images[:4], noise]) if ev is not None else noise
         echo(f"Converting {fp32_path} to fp16")
-        report16 = convert_fp16(fp32_path, variant_path(fp32_path, "fp16"), inputs, reference_inputs=len(inputs))
+        report16 = convert_fp16(fp32_path, fp16_output or variant_path(fp32_path, "fp16"), inputs,
+                                reference_inputs=len(inputs))
         echo(report16.format_table())
         out["fp16"] = report16.to_dict()
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -156,13 +157,18 @@ def test_fp16_refused_beyond_bounds(small_onnx, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def _image_dir(path, n: int, seed: int):
+    """``n`` PNG files of :func:`_images` (de-normalized) in a new directory ``path``."""
+    path.mkdir()
+    for i, arr in enumerate(_images(n, seed)):
+        pixels = np.clip((arr * 0.25 + 0.5) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        Image.fromarray(pixels).save(path / f"{i:03d}.png")
+    return path
+
+
 def test_stn_export_quantize_from_an_image_directory(tmp_path):
     ckpt = make_checkpoint(tmp_path / "cli.pt", SMALL, seed=4)
-    images = tmp_path / "calib"
-    images.mkdir()
-    for i, arr in enumerate(_images(24, 7)):
-        pixels = np.clip((arr * 0.25 + 0.5) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        Image.fromarray(pixels).save(images / f"{i:03d}.png")
+    images = _image_dir(tmp_path / "calib", 24, 7)
     result = CliRunner().invoke(
         export_main,
         [str(ckpt), "--parity-samples", "8", "-q", "--json", "--quantize", "int8", "--calibration", str(images),
@@ -196,3 +202,46 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
                                                "--calibration", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
     assert not (tmp_path / "m.int8.onnx").exists()
+
+
+def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_path):
+    images = _image_dir(tmp_path / "calib", 24, 9)
+    fp32 = tmp_path / "small.onnx"
+    shutil.copy(small_onnx, fp32)
+    before = fp32.read_bytes()
+    run = lambda *args: CliRunner().invoke(export_main, [str(a) for a in args])  # noqa: E731
+
+    plain = tmp_path / "small.plain.int8.onnx"
+    result = run(fp32, "-q", "--json", "--quantize", "int8", "--int8-config", "plain", "--calibration", images,
+                 "--max-accuracy-drop", "50", "-o", plain)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["source"] == str(fp32) and payload["int8"]["written"]
+    assert payload["int8"]["config"]["name"] == "plain" and payload["int8"]["calibration_samples"] == 24
+    assert fp32.read_bytes() == before and not (tmp_path / "small.int8.onnx").exists()
+    quantized = onnx.load(str(plain))
+    assert {p.key: p.value for p in quantized.metadata_props}[md.PRECISION] == "int8"
+    session = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    assert session.run(None, {md.INPUT: _images(3, 8)})[0].shape == (3, 10)
+
+    fp16 = run(fp32, "-q", "--json", "--precision", "fp16")  # default name: beside MODEL
+    assert fp16.exit_code == 0, fp16.output
+    assert json.loads(fp16.stdout)["fp16"]["written"] and (tmp_path / "small.fp16.onnx").is_file()
+
+    # Usage errors (exit 2) and bad MODEL files: one line each, no traceback, nothing written.
+    cases = [
+        (run(fp32, "-q"), 2, "--quantize int8"),
+        (run(fp32, "-q", "--optimize", "--precision", "fp16"), 2, "--optimize"),
+        (run(fp32, "-q", "--target", "cuda", "--precision", "fp16"), 2, "--target"),
+        (run(fp32, "-q", "--quantize", "int8", "--calibration", images, "--precision", "fp16", "-o", tmp_path / "x.onnx"),
+         2, "two variants"),
+        (run(fp32, "-q", "--precision", "fp16", "-o", fp32), 2, "MODEL itself"),
+        (run(plain, "-q", "--precision", "fp16", "-o", tmp_path / "y.onnx"), 1, "precision int8, not fp32"),
+        (run(tmp_path / "missing.onnx", "-q", "--precision", "fp16"), 1, "no such model file"),
+    ]
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    cases.append((run(tmp_path / "junk.onnx", "-q", "--precision", "fp16"), 1, "not an ONNX model"))
+    for result, code, text in cases:
+        assert result.exit_code == code and text in result.output and "Traceback" not in result.output, result.output
+    assert not any((tmp_path / n).exists() for n in ("x.onnx", "y.onnx", "junk.fp16.onnx"))
+    assert fp32.read_bytes() == before
