@@ -6,8 +6,9 @@ What it does, each step through the real command a user runs:
    or the one given with ``--checkpoint``, already exists;
 2. ``stn-export <ckpt> --optimize --quantize int8 --calibration digits --json`` → the fp32 model and the
    int8 model in the fast CPU configuration (export/quantize.py, benchmarks/INT8.md), with the
-   int8 vs fp32 top-1 accuracy on the digits test split; and the same with ``--int8-config plain``,
-   the int8 layout OpenVINO runs fastest, for the OpenVINO int8 row;
+   int8 vs fp32 top-1 accuracy on the digits test split; then ``stn-export <that fp32 model>
+   --quantize int8 --int8-config plain``, the int8 layout OpenVINO runs fastest, for the
+   OpenVINO int8 row (quantized from the same fp32 file, not exported again);
 3. ``stn-bench --model … --checkpoint … --int8-model … --openvino-int8-model … --threads 2 --json`` at batch sizes
    1, 8, 64, 256 (PyTorch eager, ONNX Runtime fp32 and int8, OpenVINO when installed);
 4. writes ``benchmarks/results/bench_table.json`` and ``bench_table.md`` and prints whether
@@ -76,10 +77,9 @@ def main() -> None:
     int8 = fp32.with_name(f"{fp32.stem}.int8.onnx")
     # OpenVINO's int8 row gets the int8 layout OpenVINO runs fastest (no conv unfolding), so the
     # comparison is against OpenVINO at its best, not on a graph tuned for ONNX Runtime.
-    plain = work / "stn_digits_plain.onnx"
-    run([str(BIN / "stn-export"), str(ckpt), "-o", str(plain), "--quantize", "int8", "--int8-config", "plain",
-         "--calibration", "digits", "--optimize", "--json", "-q"])
-    plain_int8 = plain.with_name(f"{plain.stem}.int8.onnx")
+    plain_int8 = fp32.with_name(f"{fp32.stem}.plain.int8.onnx")
+    run([str(BIN / "stn-export"), str(fp32), "-o", str(plain_int8), "--quantize", "int8", "--int8-config", "plain",
+         "--calibration", "digits", "--json", "-q"])
     bench = json.loads(run([str(BIN / "stn-bench"), "--model", str(fp32), "--checkpoint", str(ckpt), "--int8-model", str(int8),
                             "--openvino-int8-model", str(plain_int8),
                             "--threads", str(args.threads), "--batch-sizes", args.batch_sizes,
