@@ -13,7 +13,7 @@ import onnx
 import onnx.checker
 import onnx.shape_inference
 
-from ..errors import one_line
+from ..errors import ModelFileError, one_line
 from .report import CheckResult
 
 BATCH_SIZES = (1, 7, 64)
@@ -32,6 +32,16 @@ class TensorSpec:
     def describe(self) -> str:
         dims = ", ".join("batch" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {_DTYPE_NAMES.get(self.dtype, self.dtype)}[{dims}]"
+
+
+def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX model in ``path``; a missing or undecodable file is a one-line :class:`ModelFileError`."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # noqa: BLE001 - any decode failure means "not an ONNX model"
+        raise ModelFileError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
 
 
 def run_check(name: str, fn, *args, **kwargs) -> CheckResult:

@@ -33,8 +33,9 @@ import numpy as np
 import onnx
 
 from .. import metadata as md
-from ..errors import ExportCheckError, ModelFileError
+from ..errors import ExportCheckError
 from ..fileio import atomic_path
+from .checks import load_onnx
 
 FP16_MAX_ABS_DIFF = 5e-2
 FP16_MIN_TOP1_AGREEMENT = 99.0
@@ -132,9 +133,7 @@ def convert_fp16(
     """
     started = time.perf_counter()
     source, output = Path(fp32_onnx_path), Path(output_path)
-    if not source.is_file():
-        raise ModelFileError(f"{source}: no such model file")
-    fp32 = onnx.load(str(source))
+    fp32 = load_onnx(source)
     fp16, kept = to_fp16(fp32)
     try:
         onnx.checker.check_model(fp16, full_check=True)

@@ -43,10 +43,11 @@ import numpy as np
 import onnx
 
 from .. import metadata as md
-from ..errors import DatasetError, ExportCheckError, ModelFileError, StnDeployError, one_line
+from ..errors import DatasetError, ExportCheckError, StnDeployError, one_line
 from ..fileio import atomic_path
 from ..preprocessing import Preprocessing
 from . import graph_rewrites
+from .checks import load_onnx
 
 QUANTIZATION = "stn_deploy.quantization"  # metadata key: JSON {config, accuracy, ...}
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # top-1 points
@@ -379,15 +380,10 @@ def quantize_int8(
 
     started = time.perf_counter()
     source, output = Path(fp32_onnx_path), Path(output_path)
-    if not source.is_file():
-        raise ModelFileError(f"{source}: no such model file")
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) == 0:
         raise DatasetError(f"calibration images must be a non-empty [N, C, H, W] array, got shape {list(calibration.shape)}")
-    try:
-        model = onnx.load(str(source))
-    except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
+    model = load_onnx(source)
     props = {p.key: p.value for p in model.metadata_props}
     input_name = model.graph.input[0].name
 

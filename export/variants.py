@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from .. import metadata as md
 from ..errors import DatasetError, ModelFileError
 from ..preprocessing import Preprocessing
+from .checks import load_onnx
 
 
 def variant_path(fp32_path: Path, precision: str) -> Path:
@@ -28,12 +28,7 @@ def variant_path(fp32_path: Path, precision: str) -> Path:
 
 def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
     """Preprocessing, class names and dataset of an fp32 stn-export file; anything else is a one-line error."""
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any decode failure means "not an ONNX model"
-        raise ModelFileError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    model = load_onnx(path, load_external_data=False)
     try:
         meta = md.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
     except ValueError as exc:
