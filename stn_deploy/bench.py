@@ -19,9 +19,8 @@ a while after a call (ONNX Runtime's pool, PyTorch's OpenMP team, OpenVINO's TBB
 int8 53 ms per batch of 256 right after ONNX Runtime, 24 ms after a 100 ms pause; ONNX Runtime
 35 ms right after PyTorch, 29 ms after the pause). After the pause the backend runs untimed for
 20 ms (at least one call), so the wake-up of its idle threads is not timed either. Latency is per
-call (p50/p90/p99, ms);
-throughput is images per second at the p50 latency; each backend's ratio is taken against
-PyTorch eager on the CPU at the same batch size in the same run.
+call (p50/p90/p99, ms); throughput is images per second at the p50 latency; each backend's ratio
+is taken against PyTorch eager on the CPU at the same batch size in the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from typing import Any
 import click
 import numpy as np
 
+from . import metadata as md
 from .cli import report_errors, to_json
 from .errors import ModelFileError, StnDeployError, one_line
 
@@ -298,7 +298,7 @@ def make_inputs(shape: tuple[int, int, int], count: int, source: str, model: Pat
     from .export.quantize import load_calibration
 
     if source == "auto":  # the model's own dataset when it is on this machine, else random
-        dataset = session.metadata.props.get("stn_deploy.dataset", "")
+        dataset = session.metadata.props.get(md.DATASET, "")
         try:
             images = load_calibration(dataset, pre, n=count, split="test").images if dataset else None
         except (StnDeployError, ImportError):
