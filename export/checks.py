@@ -36,6 +36,8 @@ class TensorSpec:
 
 def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
     """The ONNX model in ``path``; a missing or undecodable file is a one-line :class:`ModelFileError`."""
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:

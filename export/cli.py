@@ -54,7 +54,7 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="ONNX file to write. Default: MODEL with suffix .onnx for --target ort, MODEL.<target>.onnx otherwise "
     "(stn.pt -> stn.onnx, stn.cuda.onnx, stn.portable.onnx). For an .onnx MODEL: the variant's file "
@@ -86,7 +86,8 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     "--data-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Where the checkpoint's dataset lives (for dataset parity samples).",
+    help="Where datasets live: the checkpoint's (dataset parity samples) and --calibration's (int8 calibration and "
+    "test split).",
 )
 @click.option("--image-size", default=None, help=".pt2 only: input size H,W (default: the archive's input shape).")
 @click.option(
@@ -105,7 +106,8 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).",
 )
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write MODEL.int8.onnx: ONNX Runtime static int8 in the --int8-config configuration (benchmarks/INT8.md).")
+              help="Also write OUTPUT.int8.onnx beside the fp32 file (for an .onnx MODEL: -o, default MODEL.int8.onnx): "
+                   "ONNX Runtime static int8 in the --int8-config configuration (benchmarks/INT8.md).")
 @click.option("--int8-config", type=click.Choice(list(INT8_CONFIGS)), default=FAST_CPU.name, show_default=True,
               help="int8 configuration: fast-cpu (fastest on ONNX Runtime's CPU EP), plain (no conv unfolding; for OpenVINO "
                    "and other int8 runtimes), ort-default-qdq (quantize_static's defaults, for comparison).")
@@ -113,7 +115,8 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 @click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
               help="Refuse the int8 model if it loses more top-1 points than this on the test split (negative: no limit).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: also write MODEL.fp16.onnx for GPU targets (fp32 I/O; θ path and GridSample stay fp32).")
+              help="fp16: also write OUTPUT.fp16.onnx beside the fp32 file (for an .onnx MODEL: -o, default MODEL.fp16.onnx) "
+                   "for GPU targets (fp32 I/O; θ path and GridSample stay fp32).")
 @click.option("--json", "as_json", is_flag=True, help="Write the export report as JSON to stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
@@ -162,6 +165,8 @@ def main(
 
     if int8_config != FAST_CPU.name and quantize != "int8":
         raise click.BadParameter("applies to the int8 model only; add --quantize int8", param_hint="--int8-config")
+    if quantize and not calibration:
+        raise click.UsageError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
     if model.suffix.lower() == ".onnx":
         _derive_from_onnx(
             model, output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,

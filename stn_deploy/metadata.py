@@ -54,6 +54,8 @@ class ModelMetadata:
             raise ValueError(f"{source}: no '{CLASS_NAMES}' metadata") from None
         except ValueError as exc:
             raise ValueError(f"{source}: bad '{CLASS_NAMES}' metadata ({exc})") from None
+        if not isinstance(names, list):
+            raise ValueError(f"{source}: bad '{CLASS_NAMES}' metadata (a JSON list of names, got {type(names).__name__})")
         return cls(preprocessing=pre, class_names=[str(n) for n in names], props=dict(props))
 
     def json_value(self, key: str, default: Any = None) -> Any:

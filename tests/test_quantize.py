@@ -106,7 +106,16 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     # the image is quantized once, for the unfolding's Slices; the sampler reads the fp32 image
     assert [n.op_type for n in model.graph.node if md.INPUT in n.input].count("QuantizeLinear") == 1
     assert sampler.input[0] == md.INPUT and report.rewrites["float_readers_of_quantized_inputs"] == 1
-    assert set(report.excluded_nodes) == set(theta_path_nodes(model)) - {""} or report.excluded_nodes
+    # the nodes kept out of quantization are the θ path of the graph that was quantized (rewritten fp32)
+    rewritten = onnx.load(str(small_onnx))
+    rewrite_exact(rewritten)
+    unfold_conv_rows(rewritten)
+    assert report.excluded_nodes and set(report.excluded_nodes) == set(theta_path_nodes(rewritten))
+    kept_fp32 = {n.name: n for n in model.graph.node if n.name in report.excluded_nodes}
+    assert set(kept_fp32) == set(report.excluded_nodes)
+    # ... and they run in fp32: no weight or second operand of theirs is dequantized int8
+    assert not any(i in producers and producers[i].op_type == "DequantizeLinear"
+                   for n in kept_fp32.values() for i in n.input[1:])
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for n in (1, 7):
@@ -157,6 +166,13 @@ def test_fp16_refused_beyond_bounds(small_onnx, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def _one_line_error(result, code: int, text: str) -> None:
+    """A CLI failure reported as a message (``Error: ...`` or click's usage error), not an exception."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert text in result.output, result.output
+
+
 def _image_dir(path, n: int, seed: int):
     """``n`` PNG files of :func:`_images` (de-normalized) in a new directory ``path``."""
     path.mkdir()
@@ -195,12 +211,17 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     assert session.run(None, {md.INPUT: _images(3, 8)})[0].shape == (3, 10)
 
     lone = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "lone.onnx"), "-q", "--int8-config", "plain"])
-    assert lone.exit_code == 2 and "--quantize int8" in lone.output and "Traceback" not in lone.output
+    _one_line_error(lone, 2, "--quantize int8")
     assert not (tmp_path / "lone.onnx").exists()
+
+    # no calibration samples: refused before the export starts
+    uncalibrated = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "u.onnx"), "-q", "--quantize", "int8"])
+    _one_line_error(uncalibrated, 2, "--calibration")
+    assert not (tmp_path / "u.onnx").exists()
 
     missing = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "m.onnx"), "-q", "--quantize", "int8",
                                                "--calibration", str(tmp_path / "nope")])
-    assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
+    _one_line_error(missing, 1, "nope")
     assert not (tmp_path / "m.int8.onnx").exists()
 
 
@@ -241,7 +262,13 @@ def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_
     ]
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
     cases.append((run(tmp_path / "junk.onnx", "-q", "--precision", "fp16"), 1, "not an ONNX model"))
+    (tmp_path / "a_dir.onnx").mkdir()
+    cases.append((run(tmp_path / "a_dir.onnx", "-q", "--precision", "fp16"), 1, "is a directory"))
+    cases.append((run(fp32, "-q", "--precision", "fp16", "-o", tmp_path / "a_dir.onnx"), 2, "is a directory"))
+    cases.append((run(fp32, "-q", "--quantize", "int8", "-o", tmp_path / "z.onnx"), 2, "--calibration"))
+    # -o inside a file: the conversion runs, then the write is refused, naming the file in the way
+    cases.append((run(fp32, "-q", "--precision", "fp16", "-o", fp32 / "x.onnx"), 1, f"{fp32}: a part of this path is a file"))
     for result, code, text in cases:
-        assert result.exit_code == code and text in result.output and "Traceback" not in result.output, result.output
-    assert not any((tmp_path / n).exists() for n in ("x.onnx", "y.onnx", "junk.fp16.onnx"))
+        _one_line_error(result, code, text)
+    assert not any((tmp_path / n).exists() for n in ("x.onnx", "y.onnx", "z.onnx", "junk.fp16.onnx"))
     assert fp32.read_bytes() == before
