@@ -15,6 +15,14 @@ from stn_deploy.preprocessing import Preprocessing  # noqa: E402
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
 
+def assert_cli_error(result, code: int, text: str) -> None:
+    """A click command failed the way users should see it: exit ``code``, ``text`` in the output,
+    and no escaped exception (CliRunner keeps those in ``result.exception``; it never prints them)."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert text in result.output, result.output
+
+
 def make_checkpoint(
     path: Path,
     config: STNConfig | None = None,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_checkpoint
+from conftest import assert_cli_error, make_checkpoint
 from stn_deploy.bench import OrtRunner, TorchRunner, main, plan_backends
 from stn_deploy.export import export_model
 from stn_deploy.model import STNConfig
@@ -70,7 +70,7 @@ def test_stn_bench_json_table_and_plot(exported, tmp_path):
 
 def test_stn_bench_bad_input_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["--model", str(tmp_path / "missing.onnx")])
-    assert result.exit_code != 0 and "missing.onnx" in result.output and "Traceback" not in result.output
+    assert_cli_error(result, 1, "missing.onnx")
 
 
 def test_openvino_int8_row_reads_its_own_model_when_given(tmp_path):

@@ -161,7 +161,8 @@ def test_missing_or_empty_directory_exits_2_with_one_line(tmp_path, model_path, 
     result = _invoke(target, "--model", model_path, "-o", tmp_path / "p.csv")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {target}") and "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {target}")
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert not (tmp_path / "p.csv").exists()
 
 

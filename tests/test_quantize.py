@@ -21,7 +21,7 @@ from stn_deploy.export.precision import FP16_MAX_ABS_DIFF, convert_fp16
 from stn_deploy.export.quantize import FAST_CPU, quantize_int8, theta_path_nodes
 from stn_deploy.model import STNConfig
 
-from conftest import make_checkpoint
+from conftest import assert_cli_error, make_checkpoint
 
 SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
 
@@ -166,13 +166,6 @@ def test_fp16_refused_beyond_bounds(small_onnx, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def _one_line_error(result, code: int, text: str) -> None:
-    """A CLI failure reported as a message (``Error: ...`` or click's usage error), not an exception."""
-    assert result.exit_code == code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert text in result.output, result.output
-
-
 def _image_dir(path, n: int, seed: int):
     """``n`` PNG files of :func:`_images` (de-normalized) in a new directory ``path``."""
     path.mkdir()
@@ -211,17 +204,17 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     assert session.run(None, {md.INPUT: _images(3, 8)})[0].shape == (3, 10)
 
     lone = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "lone.onnx"), "-q", "--int8-config", "plain"])
-    _one_line_error(lone, 2, "--quantize int8")
+    assert_cli_error(lone, 2, "--quantize int8")
     assert not (tmp_path / "lone.onnx").exists()
 
     # no calibration samples: refused before the export starts
     uncalibrated = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "u.onnx"), "-q", "--quantize", "int8"])
-    _one_line_error(uncalibrated, 2, "--calibration")
+    assert_cli_error(uncalibrated, 2, "--calibration")
     assert not (tmp_path / "u.onnx").exists()
 
     missing = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "m.onnx"), "-q", "--quantize", "int8",
                                                "--calibration", str(tmp_path / "nope")])
-    _one_line_error(missing, 1, "nope")
+    assert_cli_error(missing, 1, "nope")
     assert not (tmp_path / "m.int8.onnx").exists()
 
 
@@ -269,6 +262,6 @@ def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_
     # -o inside a file: the conversion runs, then the write is refused, naming the file in the way
     cases.append((run(fp32, "-q", "--precision", "fp16", "-o", fp32 / "x.onnx"), 1, f"{fp32}: a part of this path is a file"))
     for result, code, text in cases:
-        _one_line_error(result, code, text)
+        assert_cli_error(result, code, text)
     assert not any((tmp_path / n).exists() for n in ("x.onnx", "y.onnx", "z.onnx", "junk.fp16.onnx"))
     assert fp32.read_bytes() == before
