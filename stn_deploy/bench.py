@@ -32,7 +32,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -41,7 +41,11 @@ from . import metadata as md
 from .cli import report_errors, to_json
 from .errors import ModelFileError, StnDeployError, one_line
 
+if TYPE_CHECKING:
+    from .runtime import Session
+
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
+EXIT_SOME_FAILED = 3  # the run finished, but at least one backend failed (its row says why)
 DEFAULT_SETTLE_MS = 100.0
 REWARM_SECONDS = 0.02
 EAGER = "pytorch-eager-cpu"
@@ -115,9 +119,13 @@ class OrtRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, model: Path, provider: str, precision: str, threads: int, *, trt_fp16: bool = False) -> None:
+    def __init__(
+        self, model: Path, provider: str, precision: str, threads: int, *, trt_fp16: bool = False,
+        max_batch: int = max(DEFAULT_BATCH_SIZES),
+    ) -> None:
         super().__init__(threads)
         self.model, self.provider, self.precision, self.trt_fp16 = model, provider, precision, trt_fp16
+        self.max_batch = max_batch  # TensorRT's optimization profile must cover the largest batch
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.name = f"ort-{provider}-{precision}"
 
@@ -131,7 +139,7 @@ class OrtRunner(Runner):
         try:
             self.session = Session(
                 self.model, provider=self.provider, threads=self.threads, trt_fp16=self.trt_fp16,
-                trt_max_batch=max(DEFAULT_BATCH_SIZES) if self.provider == "tensorrt" else None,
+                trt_max_batch=self.max_batch if self.provider == "tensorrt" else None,
                 record_placement=self.provider != "cpu", warmup=1,
             )
         except ProviderError as exc:
@@ -209,11 +217,13 @@ def plan_backends(
     threads: int,
     only: set[str] | None = None,
     openvino_int8_model: Path | None = None,
+    max_batch: int = max(DEFAULT_BATCH_SIZES),
 ) -> list[Backend]:
     """Every backend stn-bench knows, each later loaded or marked skipped with its reason.
 
     The OpenVINO int8 row reads ``openvino_int8_model`` when given (e.g. ``stn-export
-    --int8-config plain``, the layout OpenVINO runs fastest), else ``int8_model``.
+    --int8-config plain``, the layout OpenVINO runs fastest), else ``int8_model``. ``max_batch``
+    is the largest batch size that will be run (TensorRT builds its profile for it).
     """
     plan: list[tuple[Runner, str]] = []
     no_ckpt = "no --checkpoint given (PyTorch eager runs from the checkpoint)"
@@ -227,8 +237,8 @@ def plan_backends(
     plan.append(_optional(int8_model, "--int8-model", lambda p: OrtRunner(p, "cpu", "int8", threads), "ort-cpu-int8", "onnxruntime", "cpu"))
     plan.append((OrtRunner(model, "cuda", "fp32", threads), ""))
     plan.append(_optional(fp16_model, "--fp16-model", lambda p: OrtRunner(p, "cuda", "fp16", threads), "ort-cuda-fp16", "onnxruntime", "cuda"))
-    plan.append((OrtRunner(model, "tensorrt", "fp32", threads), ""))
-    plan.append((OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True), ""))
+    plan.append((OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch), ""))
+    plan.append((OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True, max_batch=max_batch), ""))
     plan.append((OpenVinoRunner(model, None, "default", threads), ""))
     plan.append((OpenVinoRunner(model, "f32", "f32", threads), ""))
     plan.append(_optional(openvino_int8_model or int8_model, "--int8-model or --openvino-int8-model",
@@ -287,14 +297,12 @@ class Measurement:
         }
 
 
-def make_inputs(shape: tuple[int, int, int], count: int, source: str, model: Path, seed: int = 0) -> np.ndarray:
-    """``count`` model inputs: standard-normal (``random``), an image directory, or a dataset's test split."""
-    if source == "random":
-        return np.random.default_rng(seed).standard_normal((count, *shape), dtype=np.float32)
-    from .runtime import Session  # metadata → preprocessing
-
-    session = Session(model, provider="cpu", threads=1, warmup=0, record_placement=False)
+def make_inputs(session: Session, count: int, source: str, seed: int = 0) -> np.ndarray:
+    """``count`` inputs for ``session``'s model: standard-normal (``random``), an image directory,
+    or a dataset's test split (``auto``: the model's own dataset when it is on this machine)."""
     pre = session.preprocessing
+    if source == "random":
+        return np.random.default_rng(seed).standard_normal((count, *pre.input_shape), dtype=np.float32)
     from .export.quantize import load_calibration
 
     if source == "auto":  # the model's own dataset when it is on this machine, else random
@@ -304,7 +312,7 @@ def make_inputs(shape: tuple[int, int, int], count: int, source: str, model: Pat
         except (StnDeployError, ImportError):
             images = None
         if images is None:
-            return make_inputs(shape, count, "random", model, seed)
+            return make_inputs(session, count, "random", seed)
     else:
         images = load_calibration(source, pre, n=count, split="test").images
     reps = -(-count // len(images))
@@ -322,53 +330,75 @@ def run_benchmark(
     settle_ms: float = DEFAULT_SETTLE_MS,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Load every backend, then time them interleaved. Returns (results, agreement per backend)."""
+    """Load every backend, then time them interleaved. Returns (results, agreement per backend).
+
+    A backend that fails to load, to run the largest batch, or later while timed is marked
+    ``failed`` with the one-line reason and dropped; the others go on.
+    """
     from tqdm import tqdm
 
-    for b in backends:
-        if b.status == "skipped":
-            continue
+    largest = np.ascontiguousarray(inputs[: max(batch_sizes)])
+    outputs: dict[str, np.ndarray] = {}
+    pending = [b for b in backends if b.status != "skipped"]
+    bar = tqdm(total=len(pending) * (1 + len(batch_sizes)), desc="stn-bench", unit="step", disable=not progress,
+               file=sys.stderr)
+    for b in pending:
+        bar.set_postfix_str(f"load {b.runner.name}")
         try:
             b.runner.load()
-            b.runner.infer(inputs[:1])
+            outputs[b.runner.name] = b.runner.infer(largest)  # also proves the largest batch runs
             b.status = "ok"
         except BackendUnavailable as exc:
             b.status, b.reason = "skipped", str(exc)
         except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the others
-            b.status, b.reason = "failed", one_line(exc, 200)
+            _fail(b, exc)
+        bar.update(1)
     live = [b for b in backends if b.status == "ok"]
+    agreement = _agreement(live, outputs)
 
-    agreement = _agreement(live, inputs[: max(batch_sizes)])
     measurements = {(b.runner.name, bs): Measurement(b.runner.name, bs) for b in live for bs in batch_sizes}
     per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
-    bar = tqdm(total=len(live) * len(batch_sizes), desc="stn-bench", unit="run", disable=not progress, file=sys.stderr)
     for bs in batch_sizes:
         batch = np.ascontiguousarray(inputs[:bs])
-        for b in live:
-            for _ in range(warmup):
-                b.runner.infer(batch)
+        for b in list(live):
+            try:
+                for _ in range(warmup):
+                    b.runner.infer(batch)
+            except Exception as exc:  # noqa: BLE001
+                _fail(b, exc, live)
         for n in per_round:
-            for b in live:
+            for b in list(live):
                 bar.set_postfix_str(f"{b.runner.name} b{bs}")
                 m = measurements[(b.runner.name, bs)]
-                if len(live) > 1:
-                    time.sleep(settle_ms / 1000.0)  # let the previous backend's spinning threads go idle
-                    _rewarm(b.runner, batch)
-                for _ in range(n):
-                    start = time.perf_counter()
-                    b.runner.infer(batch)
-                    m.latencies_ms.append((time.perf_counter() - start) * 1000.0)
-        bar.update(len(live))
+                try:
+                    if len(live) > 1:
+                        time.sleep(settle_ms / 1000.0)  # let the previous backend's spinning threads go idle
+                        _rewarm(b.runner, batch)
+                    for _ in range(n):
+                        start = time.perf_counter()
+                        b.runner.infer(batch)
+                        m.latencies_ms.append((time.perf_counter() - start) * 1000.0)
+                except Exception as exc:  # noqa: BLE001
+                    _fail(b, exc, live)
+        bar.update(len(pending))
     bar.close()
 
-    results = [m.summary() for m in measurements.values() if m.latencies_ms]
+    alive = {b.runner.name for b in live}
+    results = [m.summary() for m in measurements.values() if m.latencies_ms and m.backend in alive]
     eager = {r["batch_size"]: r["throughput"] for r in results if r["backend"] == EAGER}
     for r in results:
         base = eager.get(r["batch_size"])
         r["ratio_to_eager"] = r["throughput"] / base if base else None
     order = {b.runner.name: i for i, b in enumerate(backends)}
     results.sort(key=lambda r: (r["batch_size"], order[r["backend"]]))
-    return results, agreement
+    return results, {name: a for name, a in agreement.items() if name in alive}
+
+
+def _fail(backend: Backend, exc: BaseException, live: list[Backend] | None = None) -> None:
+    """Mark ``backend`` failed with the one-line reason and take it out of ``live``."""
+    backend.status, backend.reason = "failed", one_line(exc, 200)
+    if live is not None and backend in live:
+        live.remove(backend)
 
 
 def _rewarm(runner: Runner, batch: np.ndarray, seconds: float = REWARM_SECONDS) -> None:
@@ -380,15 +410,15 @@ def _rewarm(runner: Runner, batch: np.ndarray, seconds: float = REWARM_SECONDS) 
         runner.infer(batch)
 
 
-def _agreement(live: list[Backend], batch: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Each backend's outputs on one batch against the first fp32 backend (the reference)."""
+def _agreement(live: list[Backend], outputs: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Each backend's outputs on the same batch against the first fp32 backend's (the reference)."""
     if not live:
         return {}
     ref_backend = next((b for b in live if b.runner.precision == "fp32"), live[0])
-    ref = ref_backend.runner.infer(batch)
+    ref = outputs[ref_backend.runner.name]
     out = {}
     for b in live:
-        got = b.runner.infer(batch)
+        got = outputs[b.runner.name]
         out[b.runner.name] = {
             "reference": ref_backend.runner.name,
             "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean() * 100),
@@ -446,8 +476,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Throughput against batch size, one line per backend (log-log)."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line error saying how to install it."""
     try:
         import matplotlib
 
@@ -455,6 +485,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BenchOptionError("--plot needs matplotlib (pip install matplotlib, or stn-deploy[dev])") from None
+    return plt
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput against batch size, one line per backend (log-log)."""
+    plt = _pyplot()
     from .fileio import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -482,7 +518,7 @@ def _batch_sizes(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--batch-sizes") from None
     if not sizes or any(s < 1 for s in sizes):
         raise click.BadParameter(f"batch sizes must be positive, got {text!r}", param_hint="--batch-sizes")
-    return sizes
+    return list(dict.fromkeys(sizes))  # a repeated size would pool two passes into one row
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -504,7 +540,8 @@ def _batch_sizes(text: str) -> list[int]:
               help="auto (the model's dataset test split when available, else random), random, an image directory, or a dataset name.")
 @click.option("--backends", "only", default=None, help="Comma-separated backend names to run (default: all; PyTorch eager CPU always runs when it can).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of the table.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write throughput vs batch size to this PNG.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write throughput vs batch size to this PNG (needs matplotlib).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
 def main(
@@ -517,6 +554,10 @@ def main(
     (with --checkpoint), ONNX Runtime per provider and precision, OpenVINO when installed.
     Reports p50/p90/p99 latency, throughput and the ratio to PyTorch eager per batch size;
     backends that cannot run here are listed as skipped with the reason.
+
+    Exit status: 0 every backend ran or was skipped; 3 the run finished but a backend failed
+    (its row says why); 2 bad arguments; 1 any other error (a missing or unusable --model or
+    --checkpoint, no backend could run).
 
     \b
     Examples:
@@ -531,8 +572,11 @@ def main(
             raise ModelFileError(f"{path}: no such file ({flag})")
     if rounds > iterations:
         rounds = iterations
+    if plot_path is not None:
+        _pyplot()  # fail before the run, not after it
     wanted = {n.strip() for n in only.split(",") if n.strip()} if only else None
-    backends = plan_backends(model, checkpoint, int8_model, fp16_model, threads, wanted, openvino_int8_model)
+    backends = plan_backends(model, checkpoint, int8_model, fp16_model, threads, wanted, openvino_int8_model,
+                             max_batch=max(sizes))
     if wanted:
         known = {b.runner.name for b in plan_backends(model, checkpoint, int8_model, fp16_model, threads)}
         unknown = wanted - known
@@ -541,11 +585,10 @@ def main(
 
     from .runtime import Session
 
-    try:
-        shape = tuple(Session(model, provider="cpu", threads=1, warmup=0, record_placement=False).preprocessing.input_shape)
-    except StnDeployError:
-        raise
-    x = make_inputs(shape, max(sizes), inputs, model)
+    session = Session(model, provider="cpu", threads=1, warmup=0, record_placement=False)
+    if checkpoint is not None:
+        _check_checkpoint_fits(checkpoint, model, session)
+    x = make_inputs(session, max(sizes), inputs)
     results, agreement = run_benchmark(backends, x, sizes, warmup=warmup, iterations=iterations, rounds=rounds,
                                        settle_ms=settle_ms, progress=not quiet)
     report = {
@@ -562,11 +605,26 @@ def main(
         "results": results,
         "agreement": agreement,
     }
-    if plot_path is not None:
-        plot(report, plot_path)
     click.echo(to_json(report) if as_json else format_table(report))
     if not any(b.status == "ok" for b in backends):
         raise BenchOptionError("no backend could run")
+    if plot_path is not None:
+        plot(report, plot_path)
+    if any(b.status == "failed" for b in backends):
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _check_checkpoint_fits(checkpoint: Path, model: Path, session: Session) -> None:
+    """The PyTorch eager rows are the baseline: a checkpoint that cannot load, or that takes other
+    inputs than ``model``, is an error before the run, not a failed row after it."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if tuple(ckpt.preprocessing.input_shape) != tuple(session.preprocessing.input_shape):
+        raise BenchOptionError(
+            f"{checkpoint}: takes {list(ckpt.preprocessing.input_shape)} inputs, {model} takes "
+            f"{list(session.preprocessing.input_shape)}; pass the checkpoint the model was exported from"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

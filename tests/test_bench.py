@@ -82,3 +82,39 @@ def test_openvino_int8_row_reads_its_own_model_when_given(tmp_path):
     assert runners["openvino-cpu-int8"].runner.model == int8
     runners = {b.runner.name: b for b in plan_backends(fp32, None, None, None, 2)}
     assert runners["openvino-cpu-int8"].status == "skipped" and "--openvino-int8-model" in runners["openvino-cpu-int8"].reason
+
+
+def test_a_failing_backend_is_a_row_and_the_others_run(exported, tmp_path):
+    ckpt, onnx_path = exported
+    not_onnx = tmp_path / "broken.int8.onnx"
+    not_onnx.write_bytes(b"not a model")
+    png = tmp_path / "bench.png"
+    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--int8-model", str(not_onnx),
+            "--batch-sizes", "2,1,2", "--threads", "1", "--warmup", "0", "--iterations", "2", "--rounds", "1",
+            "--inputs", "random", "--settle-ms", "0", "--backends", "ort-cpu-fp32,ort-cpu-int8", "-q", "--json"]
+    result = CliRunner().invoke(main, [*args, "--plot", str(png)])
+    assert result.exit_code == 3, result.output  # finished, but a backend failed
+    report = json.loads(result.stdout)
+    status = {b["name"]: b for b in report["backends"]}
+    assert status["ort-cpu-int8"]["status"] == "failed" and "broken.int8.onnx" in status["ort-cpu-int8"]["reason"]
+    assert status["ort-cpu-fp32"]["status"] == "ok" and status["pytorch-eager-cpu"]["status"] == "ok"
+    assert report["batch_sizes"] == [2, 1]  # a repeated size would pool two passes into one row
+    assert sorted((r["backend"], r["batch_size"], r["iterations"]) for r in report["results"]) == [
+        ("ort-cpu-fp32", 1, 2), ("ort-cpu-fp32", 2, 2), ("pytorch-eager-cpu", 1, 2), ("pytorch-eager-cpu", 2, 2)]
+    assert "ort-cpu-int8" not in report["agreement"] and png.is_file()  # the plot still comes
+
+
+def test_bad_checkpoint_and_plot_paths_fail_before_the_run(exported, tmp_path):
+    ckpt, onnx_path = exported
+    gray = make_checkpoint(tmp_path / "gray.pt", STNConfig(in_channels=1, image_size=28), seed=1)
+    base = ["--model", str(onnx_path), "--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "-q"]
+    assert_cli_error(CliRunner().invoke(main, [*base, "--checkpoint", str(gray)]), 1, "gray.pt: takes [1, 28, 28] inputs")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    assert_cli_error(CliRunner().invoke(main, [*base, "--checkpoint", str(junk)]), 1, "junk.pt")
+    assert_cli_error(CliRunner().invoke(main, [*base, "--plot", str(tmp_path)]), 2, "is a directory")
+
+    # the results are printed first; then the plot's bad path is the error
+    result = CliRunner().invoke(main, [*base, "--backends", "ort-cpu-fp32", "--plot", str(junk / "p.png")])
+    assert_cli_error(result, 1, f"{junk}: a part of this path is a file")
+    assert "ort-cpu-fp32" in result.stdout
