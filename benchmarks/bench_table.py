@@ -37,10 +37,10 @@ RESULTS = REPO / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 
 
-def run(cmd: list[str], capture: bool = True) -> str:
+def run(cmd: list[str], capture: bool = True, ok: tuple[int, ...] = (0,)) -> str:
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, check=False, text=True, stdout=subprocess.PIPE if capture else None)
-    if done.returncode != 0:
+    if done.returncode not in ok:
         sys.exit(f"command failed ({done.returncode}): {' '.join(cmd)}")
     return done.stdout or ""
 
@@ -64,6 +64,8 @@ def main() -> None:
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        ap.error(f"--checkpoint {args.checkpoint}: no such file")
     ckpt = args.checkpoint or work / "stn_digits.pt"
     train_summary = None
     if not ckpt.is_file():
@@ -83,16 +85,21 @@ def main() -> None:
     bench = json.loads(run([str(BIN / "stn-bench"), "--model", str(fp32), "--checkpoint", str(ckpt), "--int8-model", str(int8),
                             "--openvino-int8-model", str(plain_int8),
                             "--threads", str(args.threads), "--batch-sizes", args.batch_sizes,
-                            "--iterations", str(args.iterations), "--rounds", str(args.rounds), "--json"]))
+                            "--iterations", str(args.iterations), "--rounds", str(args.rounds), "--json"],
+                           ok=(0, 3)))  # 3: a backend failed; its row says why and the table says so
 
     results = bench["results"]
     big, one = max(bench["batch_sizes"]), min(bench["batch_sizes"])
+    status = {b["name"]: b for b in bench["backends"]}
+    for needed in ("pytorch-eager-cpu", "ort-cpu-fp32", "ort-cpu-int8"):
+        if not (row(results, needed, big) and row(results, needed, one)):
+            sys.exit(f"stn-bench has no {needed} result ({status[needed]['status']}: {status[needed]['reason']})")
     eager = row(results, "pytorch-eager-cpu", big)["throughput"]
     ours = {name: row(results, name, big) for name in ("ort-cpu-fp32", "ort-cpu-int8")}
-    fastest_name, fastest = max(((n, r) for n, r in ours.items() if r), key=lambda kv: kv[1]["throughput"])
+    fastest_name, fastest = max(ours.items(), key=lambda kv: kv[1]["throughput"])
     openvino = [r for r in results if r["backend"].startswith("openvino") and r["batch_size"] == big]
     ov_best = max(openvino, key=lambda r: r["throughput"]) if openvino else None
-    b1 = min((row(results, n, one) for n in ours if row(results, n, one)), key=lambda r: r["p50_ms"])
+    b1 = min((row(results, n, one) for n in ours), key=lambda r: r["p50_ms"])
     int8_report = export["int8"]
     drop = int8_report["accuracy_drop"] if fastest_name == "ort-cpu-int8" else 0.0
 
@@ -123,6 +130,9 @@ def main() -> None:
     lines += ["", f"int8: top-1 {int8_report['fp32_accuracy']:.2f}% (fp32) -> {int8_report['int8_accuracy']:.2f}% (int8) "
               f"on {int8_report['eval_samples']} digits test images.", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in targets]
+    failed = [b for b in bench["backends"] if b["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed backends: " + "; ".join(f"{b['name']} ({b['reason']})" for b in failed)]
     markdown = "\n".join(lines)
 
     from stn_deploy.fileio import atomic_write_text
