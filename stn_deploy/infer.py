@@ -346,6 +346,9 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--provider", "-p", type=click.Choice(PROVIDERS), default="auto", show_default=True, help="Execution provider; auto = TensorRT, else CUDA, else CPU.")
 @click.option("--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt.")
 @click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core).")
+@click.option("--streams", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPU: cut each batch into this many concurrent slices, each on threads/streams ONNX Runtime threads "
+                   "(throughput; stn-bench --streams measures it).")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (PIL releases the GIL) or processes.")
 @click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
@@ -368,6 +371,7 @@ def main(
     provider: str,
     device_id: int,
     threads: int | None,
+    streams: int,
     decode_workers: int | None,
     decode_pool: str,
     ort_spin: bool,
@@ -392,6 +396,7 @@ def main(
         provider,
         device_id=device_id,
         threads=threads,
+        streams=streams,
         trt_fp16=trt_fp16,
         trt_engine_cache=trt_engine_cache,
         trt_max_batch=batch_size,

@@ -108,6 +108,12 @@ def test_csv_output_columns_and_stdout_default(tmp_path, model_path):
     assert all(r["error"] == "" and r["label"].startswith("class_") for r in rows)
     assert "stn-infer: 5 ok, 0 failed of 5 images" in result.stderr
 
+    # --streams 2: each batch cut into two concurrent slices; the same rows
+    streamed = _invoke(images, "--model", model_path, "--top-k", "2", "--threads", "2", "--streams", "2", "-b", "5")
+    assert streamed.exit_code == 0
+    assert [(r["path"], r["label"], r["top1_prob"]) for r in csv.DictReader(streamed.stdout.splitlines())] == [
+        (r["path"], r["label"], r["top1_prob"]) for r in rows]
+
 
 def test_bad_files_get_error_rows_and_exit_3(tmp_path, model_path):
     images = tmp_path / "images"

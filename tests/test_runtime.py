@@ -160,6 +160,24 @@ def test_session_options_are_applied(model_path):
         Session(model_path, "cpu", graph_optimization="max")
 
 
+def test_streams_cut_the_batch_and_give_the_same_outputs(model_path):
+    """streams=2: two concurrent slices of 1 thread each; every output equals the one-stream run."""
+    one = Session(model_path, "cpu", threads=2)
+    two = Session(model_path, "cpu", threads=2, streams=2)
+    assert two.describe()["streams"] == 2 and two.session_options.intra_op_num_threads == 1
+    x = np.random.default_rng(3).standard_normal((9, *one.preprocessing.input_shape), dtype=np.float32)
+    for n in (1, 2, 9):  # 1 runs on one stream; 9 is cut 5 + 4
+        a, b = one.run(x[:n]), two.run(x[:n])
+        assert set(a) == set(b) == set(one.output_names)
+        for name in a:
+            assert b[name].shape == a[name].shape
+            np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-5)
+    with pytest.raises(ProviderError, match="streams must be >= 1"):
+        Session(model_path, "cpu", streams=0)
+    with pytest.raises(ProviderError, match="3 streams need at least 3 threads"):
+        Session(model_path, "cpu", threads=2, streams=3)
+
+
 def test_placement_report_on_cpu(model_path):
     session = Session(model_path, "cpu", threads=1)
     report = session.placement()
