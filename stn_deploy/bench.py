@@ -121,13 +121,14 @@ class OrtRunner(Runner):
 
     def __init__(
         self, model: Path, provider: str, precision: str, threads: int, *, trt_fp16: bool = False,
-        max_batch: int = max(DEFAULT_BATCH_SIZES),
+        max_batch: int = max(DEFAULT_BATCH_SIZES), streams: int = 1,
     ) -> None:
         super().__init__(threads)
         self.model, self.provider, self.precision, self.trt_fp16 = model, provider, precision, trt_fp16
         self.max_batch = max_batch  # TensorRT's optimization profile must cover the largest batch
+        self.streams = streams
         self.device = "cpu" if provider == "cpu" else "cuda"
-        self.name = f"ort-{provider}-{precision}"
+        self.name = f"ort-{provider}-{precision}" + _streams_suffix(streams)
 
     def load(self) -> None:
         from .errors import ProviderError
@@ -140,11 +141,11 @@ class OrtRunner(Runner):
             self.session = Session(
                 self.model, provider=self.provider, threads=self.threads, trt_fp16=self.trt_fp16,
                 trt_max_batch=self.max_batch if self.provider == "tensorrt" else None,
-                record_placement=self.provider != "cpu", warmup=1,
+                record_placement=self.provider != "cpu", warmup=1, streams=self.streams,
             )
         except ProviderError as exc:
             raise BackendUnavailable(str(exc)) from None
-        self.info = {"model": str(self.model), "providers": self.session.providers}
+        self.info = {"model": str(self.model), "providers": self.session.providers, "streams": self.streams}
         if self.provider != "cpu":
             self.info["nodes_on_cpu"] = len(self.session.placement().cpu_fallback)
         elif self.session.provider != CPU:  # pragma: no cover
@@ -164,10 +165,10 @@ class OpenVinoRunner(Runner):
 
     backend = "openvino"
 
-    def __init__(self, model: Path, hint: str | None, precision: str, threads: int) -> None:
+    def __init__(self, model: Path, hint: str | None, precision: str, threads: int, *, streams: int = 1) -> None:
         super().__init__(threads)
-        self.model, self.hint, self.precision = model, hint, precision
-        self.name = f"openvino-cpu-{precision}"
+        self.model, self.hint, self.precision, self.streams = model, hint, precision, streams
+        self.name = f"openvino-cpu-{precision}" + _streams_suffix(streams)
 
     def load(self) -> None:
         try:
@@ -176,10 +177,12 @@ class OpenVinoRunner(Runner):
             raise BackendUnavailable("openvino not installed (pip install 'stn-deploy[openvino]')") from None
         core = ov.Core()
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+        if self.streams > 1:  # OpenVINO's own streams: one infer request per slice of the batch
+            config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=self.streams)
         if self.hint:
             config["INFERENCE_PRECISION_HINT"] = self.hint
         compiled = core.compile_model(core.read_model(str(self.model)), "CPU", config)
-        self.request = compiled.create_infer_request()
+        self.requests = [compiled.create_infer_request() for _ in range(self.streams)]
         low = 0
         for op in compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()
@@ -188,12 +191,21 @@ class OpenVinoRunner(Runner):
         self.info = {
             "model": str(self.model), "openvino": ov.__version__,
             "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
-            "int8_conv_fc_layers": low,
+            "int8_conv_fc_layers": low, "streams": self.streams,
         }
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        result = self.request.infer({0: batch})
-        return np.asarray(next(iter(result.values())))
+        slices = np.array_split(batch, min(self.streams, len(batch)))
+        for request, part in zip(self.requests, slices):
+            request.start_async({0: part})
+        for request in self.requests[: len(slices)]:
+            request.wait()
+        return np.concatenate([np.array(r.get_output_tensor(0).data) for r in self.requests[: len(slices)]])
+
+
+def _streams_suffix(streams: int) -> str:
+    """Row names of the throughput arrangement: ``ort-cpu-int8-2streams``."""
+    return f"-{streams}streams" if streams > 1 else ""
 
 
 # -- which runners -----------------------------------------------------------------------------------
@@ -218,13 +230,18 @@ def plan_backends(
     only: set[str] | None = None,
     openvino_int8_model: Path | None = None,
     max_batch: int = max(DEFAULT_BATCH_SIZES),
+    streams: int = 1,
 ) -> list[Backend]:
     """Every backend stn-bench knows, each later loaded or marked skipped with its reason.
 
     The OpenVINO int8 row reads ``openvino_int8_model`` when given (e.g. ``stn-export
     --int8-config plain``, the layout OpenVINO runs fastest), else ``int8_model``. ``max_batch``
-    is the largest batch size that will be run (TensorRT builds its profile for it).
+    is the largest batch size that will be run (TensorRT builds its profile for it). With
+    ``streams`` > 1 each ONNX Runtime CPU and OpenVINO row gets a twin that cuts the batch into
+    that many concurrent streams of ``threads // streams`` threads (the same cores).
     """
+    arrangements = [1, streams] if streams > 1 else [1]
+    ov_int8 = openvino_int8_model or int8_model
     plan: list[tuple[Runner, str]] = []
     no_ckpt = "no --checkpoint given (PyTorch eager runs from the checkpoint)"
     if checkpoint is not None:
@@ -233,16 +250,21 @@ def plan_backends(
     else:
         plan.append((_Placeholder("pytorch-eager-cpu", "pytorch", "cpu"), no_ckpt))
         plan.append((_Placeholder("pytorch-eager-cuda", "pytorch", "cuda"), no_ckpt))
-    plan.append((OrtRunner(model, "cpu", "fp32", threads), ""))
-    plan.append(_optional(int8_model, "--int8-model", lambda p: OrtRunner(p, "cpu", "int8", threads), "ort-cpu-int8", "onnxruntime", "cpu"))
+    for n in arrangements:
+        plan.append((OrtRunner(model, "cpu", "fp32", threads, streams=n), ""))
+    for n in arrangements:
+        plan.append(_optional(int8_model, "--int8-model", lambda p, n=n: OrtRunner(p, "cpu", "int8", threads, streams=n),
+                              "ort-cpu-int8" + _streams_suffix(n), "onnxruntime", "cpu", "int8"))
     plan.append((OrtRunner(model, "cuda", "fp32", threads), ""))
-    plan.append(_optional(fp16_model, "--fp16-model", lambda p: OrtRunner(p, "cuda", "fp16", threads), "ort-cuda-fp16", "onnxruntime", "cuda"))
+    plan.append(_optional(fp16_model, "--fp16-model", lambda p: OrtRunner(p, "cuda", "fp16", threads), "ort-cuda-fp16", "onnxruntime", "cuda", "fp16"))
     plan.append((OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch), ""))
     plan.append((OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True, max_batch=max_batch), ""))
-    plan.append((OpenVinoRunner(model, None, "default", threads), ""))
-    plan.append((OpenVinoRunner(model, "f32", "f32", threads), ""))
-    plan.append(_optional(openvino_int8_model or int8_model, "--int8-model or --openvino-int8-model",
-                          lambda p: OpenVinoRunner(p, None, "int8", threads), "openvino-cpu-int8", "openvino", "cpu"))
+    for hint, precision in ((None, "default"), ("f32", "f32")):
+        plan += [(OpenVinoRunner(model, hint, precision, threads, streams=n), "") for n in arrangements]
+    for n in arrangements:
+        plan.append(_optional(ov_int8, "--int8-model or --openvino-int8-model",
+                              lambda p, n=n: OpenVinoRunner(p, None, "int8", threads, streams=n),
+                              "openvino-cpu-int8" + _streams_suffix(n), "openvino", "cpu", "int8"))
     backends = []
     for runner, reason in plan:
         if only is not None and runner.name not in only and runner.name != EAGER:
@@ -268,9 +290,11 @@ class _Placeholder(Runner):
         raise BackendUnavailable("placeholder")
 
 
-def _optional(path: Path | None, flag: str, make, name: str, backend: str, device: str) -> tuple[Runner, str]:
+def _optional(
+    path: Path | None, flag: str, make, name: str, backend: str, device: str, precision: str
+) -> tuple[Runner, str]:
     if path is None:
-        return _Placeholder(name, backend, device, name.rsplit("-", 1)[-1]), f"no {flag} given"
+        return _Placeholder(name, backend, device, precision), f"no {flag} given"
     return make(path), ""
 
 
@@ -450,17 +474,19 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [
-        f"stn-bench: {report['model']}  threads={report['threads']}  inputs={report['inputs']}  "
+        f"stn-bench: {report['model']}  threads={report['threads']}  "
+        + (f"streams=1 and {report['streams']}  " if report.get("streams", 1) > 1 else "")
+        + f"inputs={report['inputs']}  "
         f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} ms settle)",
         f"machine: {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical CPUs, "
         f"{'/'.join(report['machine']['isa']) or 'no AVX2'})",
         "",
-        f"{'backend':<22} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>10} {'x eager':>8}",
+        f"{'backend':<30} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>10} {'x eager':>8}",
     ]
     for r in report["results"]:
         ratio = f"{r['ratio_to_eager']:.2f}" if r["ratio_to_eager"] else "-"
         lines.append(
-            f"{r['backend']:<22} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
+            f"{r['backend']:<30} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
             f"{r['throughput']:>10.0f} {ratio:>8}"
         )
     lines.append("")
@@ -468,11 +494,11 @@ def format_table(report: dict[str, Any]) -> str:
         if b["status"] == "ok":
             agree = report["agreement"].get(b["name"], {})
             lines.append(
-                f"  {b['name']:<22} ok       top-1 agreement {agree.get('top1_agreement', float('nan')):.1f}% "
+                f"  {b['name']:<30} ok       top-1 agreement {agree.get('top1_agreement', float('nan')):.1f}% "
                 f"max |Δ| {agree.get('max_abs_diff', float('nan')):.3g} vs {agree.get('reference', '-')}"
             )
         else:
-            lines.append(f"  {b['name']:<22} {b['status']:<8} {b['reason']}")
+            lines.append(f"  {b['name']:<30} {b['status']:<8} {b['reason']}")
     return "\n".join(lines)
 
 
@@ -531,6 +557,10 @@ def _batch_sizes(text: str) -> list[int]:
 @click.option("--fp16-model", type=click.Path(path_type=Path), default=None, help="fp16 ONNX file (stn-export --precision fp16): ORT CUDA fp16 row.")
 @click.option("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Intra-op threads for every CPU backend.")
+@click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Also run each ONNX Runtime CPU and OpenVINO row with the batch cut into this many concurrent "
+                   "streams of threads/streams threads (rows named <backend>-<N>streams): the same cores, arranged "
+                   "for throughput.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per backend and batch size.")
 @click.option("--iterations", type=click.IntRange(min=1), default=30, show_default=True, help="Timed calls per backend and batch size.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved rounds the iterations are split over.")
@@ -547,7 +577,7 @@ def _batch_sizes(text: str) -> list[int]:
 def main(
     model: Path, checkpoint: Path | None, int8_model: Path | None, openvino_int8_model: Path | None,
     fp16_model: Path | None, batch_sizes: str,
-    threads: int, warmup: int, iterations: int, rounds: int, settle_ms: float, inputs: str, only: str | None, as_json: bool,
+    threads: int, streams: int, warmup: int, iterations: int, rounds: int, settle_ms: float, inputs: str, only: str | None, as_json: bool,
     plot_path: Path | None, quiet: bool,
 ) -> None:
     """Benchmark MODEL on every available backend with the same input batches: PyTorch eager
@@ -564,6 +594,7 @@ def main(
       stn-bench --model stn.onnx --checkpoint stn.pt
       stn-bench --model stn.onnx --checkpoint stn.pt --int8-model stn.int8.onnx --plot bench.png
       stn-bench --model stn.onnx --batch-sizes 1,256 --json > bench.json
+      stn-bench --model stn.onnx --int8-model stn.int8.onnx --streams 2   # + throughput rows
     """
     sizes = _batch_sizes(batch_sizes)
     for path, flag in ((model, "--model"), (checkpoint, "--checkpoint"), (int8_model, "--int8-model"),
@@ -572,13 +603,17 @@ def main(
             raise ModelFileError(f"{path}: no such file ({flag})")
     if rounds > iterations:
         rounds = iterations
+    if streams > threads:
+        raise click.BadParameter(f"{streams} streams need at least {streams} threads (--threads {threads})",
+                                 param_hint="--streams")
     if plot_path is not None:
         _pyplot()  # fail before the run, not after it
     wanted = {n.strip() for n in only.split(",") if n.strip()} if only else None
     backends = plan_backends(model, checkpoint, int8_model, fp16_model, threads, wanted, openvino_int8_model,
-                             max_batch=max(sizes))
+                             max_batch=max(sizes), streams=streams)
     if wanted:
-        known = {b.runner.name for b in plan_backends(model, checkpoint, int8_model, fp16_model, threads)}
+        known = {b.runner.name for b in plan_backends(model, checkpoint, int8_model, fp16_model, threads,
+                                                         streams=streams)}
         unknown = wanted - known
         if unknown:
             raise BenchOptionError(f"unknown backend(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -594,6 +629,7 @@ def main(
     report = {
         "model": str(model),
         "threads": threads,
+        "streams": streams,
         "batch_sizes": sizes,
         "warmup": warmup,
         "iterations": iterations,

@@ -84,6 +84,28 @@ def test_openvino_int8_row_reads_its_own_model_when_given(tmp_path):
     assert runners["openvino-cpu-int8"].status == "skipped" and "--openvino-int8-model" in runners["openvino-cpu-int8"].reason
 
 
+def test_streams_rows_twin_the_cpu_rows(exported, tmp_path):
+    ckpt, onnx_path = exported
+    plan = plan_backends(onnx_path, None, onnx_path, None, 2, streams=2)
+    names = [b.runner.name for b in plan]
+    for base in ("ort-cpu-fp32", "ort-cpu-int8", "openvino-cpu-default", "openvino-cpu-f32", "openvino-cpu-int8"):
+        assert names.index(base + "-2streams") == names.index(base) + 1  # each twin follows its row
+        assert {b.runner.name: b.runner for b in plan}[base + "-2streams"].streams == 2
+    assert not any(n.endswith("streams") for n in names if "cuda" in n or "tensorrt" in n or "pytorch" in n)
+
+    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--batch-sizes", "1,6", "--threads", "2",
+            "--warmup", "1", "--iterations", "2", "--rounds", "1", "--inputs", "random", "--settle-ms", "0", "-q"]
+    result = CliRunner().invoke(main, [*args, "--streams", "2", "--backends", "ort-cpu-fp32,ort-cpu-fp32-2streams",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["streams"] == 2
+    rows = {(r["backend"], r["batch_size"]) for r in report["results"]}
+    assert {("ort-cpu-fp32-2streams", 1), ("ort-cpu-fp32-2streams", 6), ("ort-cpu-fp32", 6)} <= rows
+    assert report["agreement"]["ort-cpu-fp32-2streams"]["max_abs_diff"] <= 1e-4
+    assert_cli_error(CliRunner().invoke(main, [*args, "--streams", "3"]), 2, "3 streams need at least 3 threads")
+
+
 def test_a_failing_backend_is_a_row_and_the_others_run(exported, tmp_path):
     ckpt, onnx_path = exported
     not_onnx = tmp_path / "broken.int8.onnx"
