@@ -21,11 +21,6 @@ from ..preprocessing import Preprocessing
 from .checks import load_onnx
 
 
-def variant_path(fp32_path: Path, precision: str) -> Path:
-    """``stn.onnx`` → ``stn.int8.onnx`` / ``stn.fp16.onnx`` (``stn.cuda.onnx`` → ``stn.cuda.fp16.onnx``)."""
-    return fp32_path.with_name(f"{fp32_path.stem}.{precision}{fp32_path.suffix or '.onnx'}")
-
-
 def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
     """Preprocessing, class names and dataset of an fp32 stn-export file; anything else is a one-line error."""
     model = load_onnx(path, load_external_data=False)
@@ -63,8 +58,8 @@ def derive_variants(
     fp16_output: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Write the requested variants (default: beside ``fp32_path``, :func:`variant_path`);
-    returns ``{"int8": report, "fp16": report}`` dicts."""
+    """Write the requested variants (default: beside ``fp32_path``, named by
+    :func:`stn_deploy.metadata.variant_path`); returns ``{"int8": report, "fp16": report}`` dicts."""
     from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, FAST_CPU, load_calibration, quantize_int8
 
     out: dict[str, Any] = {}
@@ -81,7 +76,7 @@ def derive_variants(
         config = CONFIGS[int8_config] if int8_config else FAST_CPU
         echo(f"Quantizing {fp32_path} to int8 ({config.name}; calibration {cal.source}, {len(cal.images)} images)")
         report = quantize_int8(
-            fp32_path, int8_output or variant_path(fp32_path, "int8"), cal.images,
+            fp32_path, int8_output or md.variant_path(fp32_path, "int8"), cal.images,
             eval_images=ev.images if ev is not None else None,
             eval_labels=ev.labels if ev is not None else None,
             max_accuracy_drop=max_accuracy_drop,
@@ -96,7 +91,7 @@ def derive_variants(
         noise = np.random.default_rng(0).standard_normal((4, *pre.input_shape), dtype=np.float32)
         inputs = np.concatenate([ev.images[:4], noise]) if ev is not None else noise
         echo(f"Converting {fp32_path} to fp16")
-        report16 = convert_fp16(fp32_path, fp16_output or variant_path(fp32_path, "fp16"), inputs,
+        report16 = convert_fp16(fp32_path, fp16_output or md.variant_path(fp32_path, "fp16"), inputs,
                                 reference_inputs=len(inputs))
         echo(report16.format_table())
         out["fp16"] = report16.to_dict()

@@ -252,17 +252,19 @@ def plan_backends(
         plan.append((_Placeholder("pytorch-eager-cuda", "pytorch", "cuda"), no_ckpt))
     for n in arrangements:
         plan.append((OrtRunner(model, "cpu", "fp32", threads, streams=n), ""))
+    no_int8 = f"no --int8-model given, and no {md.variant_path(model, 'int8').name} beside --model"
+    no_fp16 = f"no --fp16-model given, and no {md.variant_path(model, 'fp16').name} beside --model"
     for n in arrangements:
-        plan.append(_optional(int8_model, "--int8-model", lambda p, n=n: OrtRunner(p, "cpu", "int8", threads, streams=n),
+        plan.append(_optional(int8_model, no_int8, lambda p, n=n: OrtRunner(p, "cpu", "int8", threads, streams=n),
                               "ort-cpu-int8" + _streams_suffix(n), "onnxruntime", "cpu", "int8"))
     plan.append((OrtRunner(model, "cuda", "fp32", threads), ""))
-    plan.append(_optional(fp16_model, "--fp16-model", lambda p: OrtRunner(p, "cuda", "fp16", threads), "ort-cuda-fp16", "onnxruntime", "cuda", "fp16"))
+    plan.append(_optional(fp16_model, no_fp16, lambda p: OrtRunner(p, "cuda", "fp16", threads), "ort-cuda-fp16", "onnxruntime", "cuda", "fp16"))
     plan.append((OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch), ""))
     plan.append((OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True, max_batch=max_batch), ""))
     for hint, precision in ((None, "default"), ("f32", "f32")):
         plan += [(OpenVinoRunner(model, hint, precision, threads, streams=n), "") for n in arrangements]
     for n in arrangements:
-        plan.append(_optional(ov_int8, "--int8-model or --openvino-int8-model",
+        plan.append(_optional(ov_int8, no_int8.replace("--int8-model", "--int8-model or --openvino-int8-model"),
                               lambda p, n=n: OpenVinoRunner(p, None, "int8", threads, streams=n),
                               "openvino-cpu-int8" + _streams_suffix(n), "openvino", "cpu", "int8"))
     backends = []
@@ -291,10 +293,11 @@ class _Placeholder(Runner):
 
 
 def _optional(
-    path: Path | None, flag: str, make, name: str, backend: str, device: str, precision: str
+    path: Path | None, missing: str, make, name: str, backend: str, device: str, precision: str
 ) -> tuple[Runner, str]:
+    """``make(path)``, or a skipped placeholder whose reason is ``missing`` when there is no file."""
     if path is None:
-        return _Placeholder(name, backend, device, precision), f"no {flag} given"
+        return _Placeholder(name, backend, device, precision), missing
     return make(path), ""
 
 
@@ -550,11 +553,15 @@ def _batch_sizes(text: str) -> list[int]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", "model", type=click.Path(path_type=Path), required=True, help="fp32 ONNX file from stn-export.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="The checkpoint it came from (PyTorch eager rows).")
-@click.option("--int8-model", type=click.Path(path_type=Path), default=None, help="int8 ONNX file (stn-export --quantize int8): ORT and OpenVINO int8 rows.")
+@click.option("--int8-model", type=click.Path(path_type=Path), default=None,
+              help="int8 ONNX file (stn-export --quantize int8): ORT and OpenVINO int8 rows. Default: MODEL.int8.onnx "
+                   "when it exists.")
 @click.option("--openvino-int8-model", type=click.Path(path_type=Path), default=None,
               help="int8 ONNX file for the OpenVINO int8 row (default: --int8-model); stn-export --int8-config plain "
                    "writes the layout OpenVINO runs fastest.")
-@click.option("--fp16-model", type=click.Path(path_type=Path), default=None, help="fp16 ONNX file (stn-export --precision fp16): ORT CUDA fp16 row.")
+@click.option("--fp16-model", type=click.Path(path_type=Path), default=None,
+              help="fp16 ONNX file (stn-export --precision fp16): ORT CUDA fp16 row. Default: MODEL.fp16.onnx when it "
+                   "exists.")
 @click.option("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Intra-op threads for every CPU backend.")
 @click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
@@ -597,6 +604,9 @@ def main(
       stn-bench --model stn.onnx --int8-model stn.int8.onnx --streams 2   # + throughput rows
     """
     sizes = _batch_sizes(batch_sizes)
+    # The variants stn-export writes beside the fp32 file, unless other files are named.
+    int8_model = int8_model or _beside(model, "int8")
+    fp16_model = fp16_model or _beside(model, "fp16")
     for path, flag in ((model, "--model"), (checkpoint, "--checkpoint"), (int8_model, "--int8-model"),
                        (openvino_int8_model, "--openvino-int8-model"), (fp16_model, "--fp16-model")):
         if path is not None and not Path(path).is_file():
@@ -648,6 +658,14 @@ def main(
         plot(report, plot_path)
     if any(b.status == "failed" for b in backends):
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _beside(model: Path, precision: str) -> Path | None:
+    path = md.variant_path(model, precision)
+    if not path.is_file():
+        return None
+    click.echo(f"stn-bench: {precision} rows read {path} (found beside --model)", err=True)
+    return path
 
 
 def _check_checkpoint_fits(checkpoint: Path, model: Path, session: Session) -> None:

@@ -1,18 +1,27 @@
 """The ONNX ``metadata_props`` keys stn-deploy writes at export and reads at inference.
 
 Everything a deployment needs to use the model travels inside the ONNX file; this module is
-the one place the keys are named. It needs no torch and no onnx (values are JSON strings).
+the one place the keys are named, and the names of a model's precision variants
+(:func:`variant_path`). It needs no torch and no onnx (values are JSON strings).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .preprocessing import Preprocessing
 
 PRODUCER_NAME = "stn-deploy"
+
+
+def variant_path(fp32_path: Path, precision: str) -> Path:
+    """Where stn-export writes a precision variant: ``stn.onnx`` → ``stn.int8.onnx`` /
+    ``stn.fp16.onnx`` (``stn.cuda.onnx`` → ``stn.cuda.fp16.onnx``)."""
+    fp32_path = Path(fp32_path)
+    return fp32_path.with_name(f"{fp32_path.stem}.{precision}{fp32_path.suffix or '.onnx'}")
 
 CLASS_NAMES = "stn_deploy.class_names"  # JSON list of strings
 PREPROCESSING = "stn_deploy.preprocessing"  # JSON, Preprocessing.to_dict()

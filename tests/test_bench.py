@@ -140,3 +140,24 @@ def test_bad_checkpoint_and_plot_paths_fail_before_the_run(exported, tmp_path):
     result = CliRunner().invoke(main, [*base, "--backends", "ort-cpu-fp32", "--plot", str(junk / "p.png")])
     assert_cli_error(result, 1, f"{junk}: a part of this path is a file")
     assert "ort-cpu-fp32" in result.stdout
+
+
+def test_variants_beside_the_model_are_found(exported, tmp_path):
+    """stn-export writes stn.int8.onnx / stn.fp16.onnx beside stn.onnx; stn-bench picks them up."""
+    import shutil
+
+    _, onnx_path = exported
+    model = tmp_path / "stn.onnx"
+    shutil.copy(onnx_path, model)
+    args = ["--model", str(model), "--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "--settle-ms", "0",
+            "-q", "--json", "--backends", "ort-cpu-int8"]
+    alone = json.loads(CliRunner().invoke(main, args).stdout)
+    int8_row = next(b for b in alone["backends"] if b["name"] == "ort-cpu-int8")
+    assert int8_row["status"] == "skipped" and "no stn.int8.onnx beside --model" in int8_row["reason"]
+
+    shutil.copy(onnx_path, tmp_path / "stn.int8.onnx")  # stands in for stn-export's int8 file
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    int8_row = next(b for b in json.loads(result.stdout)["backends"] if b["name"] == "ort-cpu-int8")
+    assert int8_row["status"] == "ok" and int8_row["model"] == str(tmp_path / "stn.int8.onnx")
+    assert "int8 rows read" in result.stderr
