@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from stn_deploy.metadata import variant_path
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
@@ -78,10 +80,10 @@ def main() -> None:
     fp32 = work / "stn_digits.onnx"
     export = json.loads(run([str(BIN / "stn-export"), str(ckpt), "-o", str(fp32), "--quantize", "int8",
                              "--calibration", "digits", "--optimize", "--json", "-q"]))
-    int8 = fp32.with_name(f"{fp32.stem}.int8.onnx")
+    int8 = variant_path(fp32, "int8")
     # OpenVINO's int8 row gets the int8 layout OpenVINO runs fastest (no conv unfolding), so the
     # comparison is against OpenVINO at its best, not on a graph tuned for ONNX Runtime.
-    plain_int8 = fp32.with_name(f"{fp32.stem}.plain.int8.onnx")
+    plain_int8 = variant_path(fp32, "plain.int8")
     run([str(BIN / "stn-export"), str(fp32), "-o", str(plain_int8), "--quantize", "int8", "--int8-config", "plain",
          "--calibration", "digits", "--json", "-q"])
     bench = json.loads(run([str(BIN / "stn-bench"), "--model", str(fp32), "--checkpoint", str(ckpt), "--int8-model", str(int8),

@@ -216,13 +216,9 @@ def main(
         )
     variants = {}
     if report.passed and (quantize or precision != "fp32"):
-        from .variants import derive_variants
-
-        variants = derive_variants(
-            report.output, quantize=quantize, calibration=calibration, precision=precision, data_dir=data_dir,
-            int8_config=int8_config,
-            max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
-            echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
+        variants = _variants(
+            report.output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
+            max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
         )
     if as_json:
         click.echo(to_json({**report.to_dict(), **variants}))
@@ -242,8 +238,6 @@ def _derive_from_onnx(
     as_json: bool,
 ) -> None:
     """``stn-export stn.onnx --quantize int8 ...``: the variants of an fp32 file stn-export wrote."""
-    from .variants import derive_variants
-
     ctx = click.get_current_context()
     for param in ctx.command.params:
         if param.name in _EXPORT_ONLY and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
@@ -256,14 +250,24 @@ def _derive_from_onnx(
                                  param_hint="-o/--output")
     if output is not None and model.exists() and output.resolve() == model.resolve():
         raise click.BadParameter(f"{output} is MODEL itself; the variant needs a file of its own", param_hint="-o/--output")
-    variants = derive_variants(
-        model, quantize=quantize, calibration=calibration, precision=precision, data_dir=data_dir,
-        int8_config=int8_config, max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
+    variants = _variants(
+        model, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
+        max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
         int8_output=output if quantize else None, fp16_output=output if precision == "fp16" else None,
-        echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
     )
     if as_json:
         click.echo(to_json({"source": str(model), **variants}))
+
+
+def _variants(fp32: Path, *, max_accuracy_drop: float, as_json: bool, **options) -> dict:
+    """derive_variants with the CLI's conventions: a negative --max-accuracy-drop means no limit,
+    and progress lines go to stderr unless the report is JSON."""
+    from .variants import derive_variants
+
+    return derive_variants(
+        fp32, max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
+        echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)), **options,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

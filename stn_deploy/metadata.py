@@ -16,13 +16,6 @@ from .preprocessing import Preprocessing
 
 PRODUCER_NAME = "stn-deploy"
 
-
-def variant_path(fp32_path: Path, precision: str) -> Path:
-    """Where stn-export writes a precision variant: ``stn.onnx`` → ``stn.int8.onnx`` /
-    ``stn.fp16.onnx`` (``stn.cuda.onnx`` → ``stn.cuda.fp16.onnx``)."""
-    fp32_path = Path(fp32_path)
-    return fp32_path.with_name(f"{fp32_path.stem}.{precision}{fp32_path.suffix or '.onnx'}")
-
 CLASS_NAMES = "stn_deploy.class_names"  # JSON list of strings
 PREPROCESSING = "stn_deploy.preprocessing"  # JSON, Preprocessing.to_dict()
 CHECKPOINT_SHA256 = "stn_deploy.checkpoint_sha256"  # hex digest of the source file
@@ -38,6 +31,13 @@ INPUT = "image"
 LOG_PROBS = "log_probs"
 THETA = "theta"
 WARPED = "warped"
+
+
+def variant_path(fp32_path: Path, precision: str) -> Path:
+    """Where stn-export writes a precision variant: ``stn.onnx`` → ``stn.int8.onnx`` /
+    ``stn.fp16.onnx`` (``stn.cuda.onnx`` → ``stn.cuda.fp16.onnx``)."""
+    fp32_path = Path(fp32_path)
+    return fp32_path.with_name(f"{fp32_path.stem}.{precision}{fp32_path.suffix or '.onnx'}")
 
 
 @dataclass
