@@ -252,8 +252,10 @@ def plan_backends(
         plan.append((_Placeholder("pytorch-eager-cuda", "pytorch", "cuda"), no_ckpt))
     for n in arrangements:
         plan.append((OrtRunner(model, "cpu", "fp32", threads, streams=n), ""))
-    no_int8 = f"no --int8-model given, and no {md.variant_path(model, 'int8').name} beside --model"
-    no_fp16 = f"no --fp16-model given, and no {md.variant_path(model, 'fp16').name} beside --model"
+    def missing(flags: str, precision: str) -> str:
+        return f"no {flags} given, and no {md.variant_path(model, precision).name} beside --model"
+
+    no_int8, no_fp16 = missing("--int8-model", "int8"), missing("--fp16-model", "fp16")
     for n in arrangements:
         plan.append(_optional(int8_model, no_int8, lambda p, n=n: OrtRunner(p, "cpu", "int8", threads, streams=n),
                               "ort-cpu-int8" + _streams_suffix(n), "onnxruntime", "cpu", "int8"))
@@ -264,7 +266,7 @@ def plan_backends(
     for hint, precision in ((None, "default"), ("f32", "f32")):
         plan += [(OpenVinoRunner(model, hint, precision, threads, streams=n), "") for n in arrangements]
     for n in arrangements:
-        plan.append(_optional(ov_int8, no_int8.replace("--int8-model", "--int8-model or --openvino-int8-model"),
+        plan.append(_optional(ov_int8, missing("--int8-model or --openvino-int8-model", "int8"),
                               lambda p, n=n: OpenVinoRunner(p, None, "int8", threads, streams=n),
                               "openvino-cpu-int8" + _streams_suffix(n), "openvino", "cpu", "int8"))
     backends = []
