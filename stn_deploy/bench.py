@@ -18,7 +18,10 @@ a while after a call (ONNX Runtime's pool, PyTorch's OpenMP team, OpenVINO's TBB
 2-core machine that spin steals the cores from whichever backend runs next (measured here: OpenVINO
 int8 53 ms per batch of 256 right after ONNX Runtime, 24 ms after a 100 ms pause; ONNX Runtime
 35 ms right after PyTorch, 29 ms after the pause). After the pause the backend runs untimed for
-20 ms (at least one call), so the wake-up of its idle threads is not timed either. Latency is per
+``rewarm_ms`` (at least one call), so the wake-up of its idle threads and cores is not timed
+either: on the project's VM the first ~100 ms of calls after a 100 ms pause run slow (ONNX
+Runtime int8 at batch 1, p50 of the 10 calls that follow: 0.202 ms after 20 ms of re-warm,
+0.160 ms after 100 ms, 0.165 ms after 300 ms; a bare loop gives 0.157 ms). Latency is per
 call (p50/p90/p99, ms); throughput is images per second at the p50 latency; each backend's ratio
 is taken against PyTorch eager on the CPU at the same batch size in the same run.
 """
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 EXIT_SOME_FAILED = 3  # the run finished, but at least one backend failed (its row says why)
 DEFAULT_SETTLE_MS = 100.0
-REWARM_SECONDS = 0.02
+DEFAULT_REWARM_MS = 100.0
 EAGER = "pytorch-eager-cpu"
 
 
@@ -357,6 +360,7 @@ def run_benchmark(
     iterations: int = 30,
     rounds: int = 3,
     settle_ms: float = DEFAULT_SETTLE_MS,
+    rewarm_ms: float = DEFAULT_REWARM_MS,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Load every backend, then time them interleaved. Returns (results, agreement per backend).
@@ -402,7 +406,7 @@ def run_benchmark(
                 try:
                     if len(live) > 1:
                         time.sleep(settle_ms / 1000.0)  # let the previous backend's spinning threads go idle
-                        _rewarm(b.runner, batch)
+                        _rewarm(b.runner, batch, rewarm_ms / 1000.0)
                     for _ in range(n):
                         start = time.perf_counter()
                         b.runner.infer(batch)
@@ -430,7 +434,7 @@ def _fail(backend: Backend, exc: BaseException, live: list[Backend] | None = Non
         live.remove(backend)
 
 
-def _rewarm(runner: Runner, batch: np.ndarray, seconds: float = REWARM_SECONDS) -> None:
+def _rewarm(runner: Runner, batch: np.ndarray, seconds: float) -> None:
     """Untimed calls for ``seconds`` (at least one) after the settle pause: its own threads and the
     cores were idle for that pause, and the first calls after it pay for waking them."""
     end = time.perf_counter() + seconds
@@ -482,7 +486,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"stn-bench: {report['model']}  threads={report['threads']}  "
         + (f"streams=1 and {report['streams']}  " if report.get("streams", 1) > 1 else "")
         + f"inputs={report['inputs']}  "
-        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} ms settle)",
+        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} ms settle, "
+        f"{report.get('rewarm_ms', 0):g} ms re-warm)",
         f"machine: {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical CPUs, "
         f"{'/'.join(report['machine']['isa']) or 'no AVX2'})",
         "",
@@ -575,6 +580,8 @@ def _batch_sizes(text: str) -> list[int]:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved rounds the iterations are split over.")
 @click.option("--settle-ms", type=click.FloatRange(min=0), default=DEFAULT_SETTLE_MS, show_default=True,
               help="Pause before each backend's turn in a round, so the previous runtime's spinning threads go idle.")
+@click.option("--rewarm-ms", type=click.FloatRange(min=0), default=DEFAULT_REWARM_MS, show_default=True,
+              help="Untimed calls after that pause, before the timed ones, so waking threads and cores are not timed.")
 @click.option("--inputs", default="auto", show_default=True,
               help="auto (the model's dataset test split when available, else random), random, an image directory, or a dataset name.")
 @click.option("--backends", "only", default=None, help="Comma-separated backend names to run (default: all; PyTorch eager CPU always runs when it can).")
@@ -586,7 +593,8 @@ def _batch_sizes(text: str) -> list[int]:
 def main(
     model: Path, checkpoint: Path | None, int8_model: Path | None, openvino_int8_model: Path | None,
     fp16_model: Path | None, batch_sizes: str,
-    threads: int, streams: int, warmup: int, iterations: int, rounds: int, settle_ms: float, inputs: str, only: str | None, as_json: bool,
+    threads: int, streams: int, warmup: int, iterations: int, rounds: int, settle_ms: float, rewarm_ms: float,
+    inputs: str, only: str | None, as_json: bool,
     plot_path: Path | None, quiet: bool,
 ) -> None:
     """Benchmark MODEL on every available backend with the same input batches: PyTorch eager
@@ -637,7 +645,7 @@ def main(
         _check_checkpoint_fits(checkpoint, model, session)
     x = make_inputs(session, max(sizes), inputs)
     results, agreement = run_benchmark(backends, x, sizes, warmup=warmup, iterations=iterations, rounds=rounds,
-                                       settle_ms=settle_ms, progress=not quiet)
+                                       settle_ms=settle_ms, rewarm_ms=rewarm_ms, progress=not quiet)
     report = {
         "model": str(model),
         "threads": threads,
@@ -647,6 +655,7 @@ def main(
         "iterations": iterations,
         "rounds": rounds,
         "settle_ms": settle_ms,
+        "rewarm_ms": rewarm_ms,
         "inputs": inputs,
         "machine": machine_info(threads),
         "backends": [b.to_dict() for b in backends],

@@ -59,13 +59,14 @@ def test_stn_bench_json_table_and_plot(exported, tmp_path):
         assert cpu["throughput"] == pytest.approx(bs / (cpu["p50_ms"] / 1000))
     assert report["threads"] == 1 and report["machine"]["logical_cpus"]
     assert report["settle_ms"] == 100.0  # the pause before each backend's turn, recorded with the results
+    assert report["rewarm_ms"] == 100.0  # and the untimed calls after it
     assert report["agreement"]["ort-cpu-fp32"]["top1_agreement"] == 100.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    table = CliRunner().invoke(main, [*args, "--backends", "ort-cpu-fp32", "--settle-ms", "0"])
+    table = CliRunner().invoke(main, [*args, "--backends", "ort-cpu-fp32", "--settle-ms", "0", "--rewarm-ms", "5"])
     assert table.exit_code == 0, table.output
     assert "ort-cpu-fp32" in table.stdout and "x eager" in table.stdout and "p99 ms" in table.stdout
-    assert "0 ms settle" in table.stdout
+    assert "0 ms settle, 5 ms re-warm" in table.stdout
 
 
 def test_stn_bench_bad_input_is_one_line(tmp_path):
