@@ -347,7 +347,8 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt.")
 @click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core).")
 @click.option("--streams", default=1, show_default=True, type=click.IntRange(min=1),
-              help="CPU: cut each batch into this many concurrent slices, each on threads/streams ONNX Runtime threads "
+              help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
+                   "which take chunks of 16 images in turn "
                    "(throughput; stn-bench --streams measures it).")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (PIL releases the GIL) or processes.")

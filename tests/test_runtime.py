@@ -17,6 +17,7 @@ from stn_deploy.errors import ModelFileError, ProviderError
 from stn_deploy.runtime import (
     CPU,
     CUDA,
+    STREAM_CHUNK,
     TENSORRT,
     NodePlacement,
     PlacementReport,
@@ -161,12 +162,13 @@ def test_session_options_are_applied(model_path):
 
 
 def test_streams_cut_the_batch_and_give_the_same_outputs(model_path):
-    """streams=2: two concurrent slices of 1 thread each; every output equals the one-stream run."""
+    """streams=2: two threads of 1 intra-op thread each take chunks of the batch in turn; every
+    output equals the one-stream run, in the batch's order."""
     one = Session(model_path, "cpu", threads=2)
     two = Session(model_path, "cpu", threads=2, streams=2)
     assert two.describe()["streams"] == 2 and two.session_options.intra_op_num_threads == 1
-    x = np.random.default_rng(3).standard_normal((9, *one.preprocessing.input_shape), dtype=np.float32)
-    for n in (1, 2, 9):  # 1 runs on one stream; 9 is cut 5 + 4
+    x = np.random.default_rng(3).standard_normal((37, *one.preprocessing.input_shape), dtype=np.float32)
+    for n in (1, 2, 9, 37):  # 1 runs on one stream; 9 is cut 5 + 4; 37 into 3 chunks of <= STREAM_CHUNK
         a, b = one.run(x[:n]), two.run(x[:n])
         assert set(a) == set(b) == set(one.output_names)
         for name in a:
@@ -176,6 +178,24 @@ def test_streams_cut_the_batch_and_give_the_same_outputs(model_path):
         Session(model_path, "cpu", streams=0)
     with pytest.raises(ProviderError, match="3 streams need at least 3 threads"):
         Session(model_path, "cpu", threads=2, streams=3)
+
+
+def test_streams_report_a_failed_chunk_after_the_other_chunks_ran(model_path, monkeypatch):
+    """An error in one chunk reaches the caller once no stream thread is still running."""
+    two = Session(model_path, "cpu", threads=2, streams=2)
+    real_run, sizes = two._session.run, []
+
+    def run(names, feeds):
+        sizes.append(len(feeds[two.input_name]))
+        if len(sizes) == 2:
+            raise RuntimeError("chunk failed")
+        return real_run(names, feeds)
+
+    monkeypatch.setattr(two._session, "run", run)
+    x = np.zeros((3 * STREAM_CHUNK, *two.preprocessing.input_shape), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        two.run(x)
+    assert sorted(sizes) == [STREAM_CHUNK] * 3  # the other thread took the remaining chunks
 
 
 def test_placement_report_on_cpu(model_path):
