@@ -12,7 +12,7 @@ What it does, each step through the real command a user runs:
 3. ``stn-bench --model … --checkpoint … --int8-model … --openvino-int8-model … --threads 2
    --streams 2 --json`` at batch sizes 1, 8, 64, 256 (PyTorch eager, ONNX Runtime fp32 and int8, OpenVINO when
    installed; every ONNX Runtime CPU and OpenVINO row twice on the same cores: one stream of
-   ``--threads`` threads, and ``--threads`` streams of 1 thread, each running a slice of the batch);
+   ``--threads`` threads, and ``--threads`` streams of 1 thread that share out the batch);
 4. before and after step 3, times the int8 file at batch 1 in a bare loop on ``--threads``
    threads and on 1 (``core_probe``): on a shared VM a slow second vCPU makes the 2-thread
    rows slow, and this records whether the run met that state;
