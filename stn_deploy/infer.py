@@ -34,7 +34,7 @@ from .errors import StnDeployError
 from .fileio import atomic_path
 from .images import DEFAULT_MAX_PIXELS, DecodedBatch, decode_batch, find_images
 from .preprocessing import Preprocessing
-from .runtime import PROVIDERS, Session
+from .runtime import PROVIDERS, STREAM_CHUNK, Session
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments, missing or empty input directory
@@ -348,8 +348,7 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core).")
 @click.option("--streams", default=1, show_default=True, type=click.IntRange(min=1),
               help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
-                   "which take chunks of 16 images in turn "
-                   "(throughput; stn-bench --streams measures it).")
+                   f"which take chunks of {STREAM_CHUNK} images in turn (throughput; stn-bench --streams measures it).")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (PIL releases the GIL) or processes.")
 @click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")

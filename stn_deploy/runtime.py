@@ -58,7 +58,7 @@ AUTO_ORDER = (TENSORRT, CUDA, CPU)
 # Images per run call when a batch is shared out over streams. On the project's 2-core machine,
 # int8, 256 images on one thread took 38.8 ms in chunks of 16 against 39.9 in chunks of 128
 # (their activations stay in the core's cache), and 2 streams taking chunks of 16 in turn ran
-# a batch of 256 in 20.1 ms p50 against 20.6 for two fixed halves (benchmarks/INT8.md).
+# a batch of 256 in 20.2 ms p50 against 21.0 for two fixed halves (benchmarks/INT8.md).
 STREAM_CHUNK = 16
 
 GRAPH_OPTIMIZATION = {
