@@ -10,6 +10,7 @@ definition shared with training.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def find_images(root: str | os.PathLike[str], *, extensions: Iterable[str] = IMA
     root = Path(root)
     exts = {e.lower() for e in extensions}
     if not root.exists():
-        raise ImageDirectoryError(f"{root}: no such directory")
+        raise ImageDirectoryError(f"{root}: no such file or directory")
     if root.is_file():
         if root.suffix.lower() not in exts:
             raise ImageDirectoryError(f"{root}: not an image file (extensions: {', '.join(sorted(exts))})")
@@ -100,6 +101,8 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     """
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe would block the decoder forever
+            raise ImageError(f"{path}: not a regular file")
         image = Image.open(path)
         try:
             width, height = image.size

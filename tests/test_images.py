@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -138,6 +139,19 @@ def test_truncated_and_corrupt_files(tmp_path):
     assert batch.ok_indices == [1] and batch.inputs.shape == (1, 3, 32, 32)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need os.mkfifo (POSIX)")
+def test_a_named_pipe_is_a_row_error_not_a_hang(tmp_path):
+    """A FIFO with an image name is listed by the directory walk; reading it would block forever."""
+    Image.fromarray(_pixels()).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    listing = find_images(tmp_path)
+    batch = decode_batch(listing.files, RGB)
+    assert [(p.name, r.ok, r.error) for p, r in zip(listing.files, batch.results)] == [
+        ("good.png", True, None),
+        ("pipe.png", False, "not a regular file"),
+    ]
+
+
 def test_pixel_limit_is_checked_before_decoding(tmp_path):
     path = tmp_path / "big.png"
     Image.fromarray(_pixels(h=100, w=100)).save(path)
@@ -160,7 +174,7 @@ def test_find_images_walks_recursively_in_sorted_order(tmp_path):
 
 
 def test_missing_or_empty_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(ImageDirectoryError, match="no such directory") as missing:
+    with pytest.raises(ImageDirectoryError, match="no such file or directory") as missing:
         find_images(tmp_path / "nope")
     assert missing.value.exit_code == 2
     (tmp_path / "readme.txt").write_text("x")
