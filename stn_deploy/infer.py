@@ -113,7 +113,6 @@ def predictions_for(
     class_names: Sequence[str],
     *,
     top_k: int,
-    root: Path,
     want_log_probs: bool = False,
 ) -> list[Prediction]:
     """Rows for one decoded batch, in the batch's file order."""
@@ -130,7 +129,7 @@ def predictions_for(
         lp_l = log_probs.tolist() if want_log_probs else None
     j = 0
     for result in batch.results:
-        path = _display_path(result.path, root)
+        path = result.path.as_posix()  # as the user gave it: relative IMAGES give relative paths
         if not result.ok:
             rows.append(Prediction(path=path, error=result.error))
             continue
@@ -148,10 +147,6 @@ def predictions_for(
         )
         j += 1
     return rows
-
-
-def _display_path(path: Path, root: Path) -> str:
-    return path.as_posix()
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -288,7 +283,7 @@ def run_inference(
     try:
         for batch in iter_decoded(files, session.preprocessing, batch_size=batch_size, workers=workers, pool=decode_pool, max_pixels=max_pixels):
             outputs = session.run(batch.inputs, outputs_wanted) if len(batch.inputs) else {}
-            rows = predictions_for(batch, outputs, session.class_names, top_k=top_k, root=root, want_log_probs=want_log_probs)
+            rows = predictions_for(batch, outputs, session.class_names, top_k=top_k, want_log_probs=want_log_probs)
             if writer is not None:
                 writer.write(rows)
             for r in rows:
@@ -325,8 +320,8 @@ was classified). A file is written atomically (a temporary file moved into place
 
 \b
 Bad files (corrupt, truncated, empty, not an image, over --max-pixels) get a row with the error
-and the run goes on. A summary line (ok/failed counts, images/s) goes to stderr; --json prints
-the summary as JSON on stdout instead (then --output must be a file).
+and the run goes on. A summary line (ok/failed counts, images/s) goes to stderr; --json also
+prints the summary as JSON on stdout (then --output must be a file).
 
 \b
 Exit status: {EXIT_OK} every file classified; {EXIT_SOME_FAILED} the run finished but some files failed
@@ -356,7 +351,7 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
 @click.option("--trt-engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT: engine/timing cache directory.")
 @click.option("--strict-placement", is_flag=True, help="Fail (instead of warn) when a GPU provider leaves compute nodes on the CPU.")
-@click.option("--visualize", type=click.Path(path_type=Path), default=None, help="Write input|warped image pairs here (model needs the 'warped' output: stn-export --with-warped).")
+@click.option("--visualize", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write input|warped image pairs here (model needs the 'warped' output: stn-export --with-warped).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (counts, throughput, providers, placement) as JSON on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @report_errors
@@ -385,6 +380,8 @@ def main(
 ) -> None:
     if as_json and output == "-":
         raise InferUsageError("--json prints the summary on stdout: give the rows a file with --output")
+    if threads is not None and streams > threads:
+        raise InferUsageError(f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)")
     fmt = output_format(output, fmt)
     listing = find_images(images)  # missing/empty directory: exit 2 before loading the model
     # PIL's own decompression-bomb limit, as a second line behind the explicit size check.
@@ -407,6 +404,8 @@ def main(
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))
     if visualize is not None and not session.has_warped:
         raise InferUsageError(f"{model_path}: --visualize needs the '{md.WARPED}' output (export with stn-export --with-warped)")
+    if visualize is not None:
+        visualize.mkdir(parents=True, exist_ok=True)  # a bad path fails here, before any row is written
 
     with open_output(output) as stream:
         writer = RowWriter(stream, fmt, top_k=top_k, class_names=session.class_names, theta=session.has_theta, log_probs=log_probs)

@@ -137,11 +137,9 @@ def test_bad_files_get_error_rows_and_exit_3(tmp_path, model_path):
     (images / "readme.txt").write_text("ignored: not an image extension")
 
     out = tmp_path / "preds.csv"
-    summary_out = tmp_path / "summary.json"
     result = _invoke(images, "--model", model_path, "-o", out, "--json", "--batch-size", "3")
     assert result.exit_code == EXIT_SOME_FAILED == 3, result.output
     summary = json.loads(result.stdout)
-    summary_out.write_text(result.stdout)
     assert (summary["ok"], summary["failed"], summary["images"], summary["skipped_non_image_files"]) == (6, 5, 11, 1)
     rows = {Path(r["path"]).name: r for r in _rows(out)}
     assert len(rows) == 11
@@ -172,15 +170,32 @@ def test_missing_or_empty_directory_exits_2_with_one_line(tmp_path, model_path, 
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_output_is_atomic_when_the_run_fails(tmp_path, model_path):
+def test_output_is_atomic_when_the_run_fails(tmp_path, model_path, monkeypatch):
+    """Interrupted after the first batch's rows are written: the old file stays, no temp is left."""
+    import stn_deploy.infer as infer
+
     images = tmp_path / "images"
-    _write_images(images, n_png=2, n_jpg=0)
+    _write_images(images, n_png=3, n_jpg=0)
     out = tmp_path / "preds.csv"
     out.write_text("previous results\n")
+    real_write, written = infer.RowWriter.write, []
+
+    def write(self, rows):
+        if written:
+            raise KeyboardInterrupt  # Ctrl-C during the second batch
+        real_write(self, rows)
+        written.append(len(rows))
+
+    monkeypatch.setattr(infer.RowWriter, "write", write)
+    result = _invoke(images, "--model", model_path, "-o", out, "--batch-size", "1")
+    assert result.exit_code == 130 and "Interrupted." in result.stderr
+    assert written == [1]  # one batch's rows had reached the temporary file
+    assert out.read_text() == "previous results\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".preds")] == []
+    # A run that fails before any row (a missing model) leaves it alone too.
     result = _invoke(images, "--model", tmp_path / "missing.onnx", "-o", out)
     assert result.exit_code == 1 and "missing.onnx: no such model file" in result.stderr
     assert out.read_text() == "previous results\n"
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".preds")] == []
 
 
 def test_usage_errors(tmp_path, model_path):
@@ -190,6 +205,8 @@ def test_usage_errors(tmp_path, model_path):
     assert r.exit_code == 2 and "--json prints the summary on stdout" in r.stderr
     r = _invoke(images, "--model", model_path, "-o", tmp_path / "p.txt")
     assert r.exit_code == 2 and "cannot tell the output format" in r.stderr
+    r = _invoke(images, "--model", model_path, "-o", tmp_path / "p.csv", "--streams", "3", "--threads", "2")
+    assert r.exit_code == 2 and "--streams 3 needs --threads >= 3" in r.stderr
     r = _invoke(images, "--model", model_path, "--provider", "cuda")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         assert r.exit_code == 1 and "has no CUDAExecutionProvider" in r.stderr and "stn-deploy[gpu]" in r.stderr
@@ -212,6 +229,13 @@ def test_visualize_writes_input_warped_pairs(tmp_path, model_path, checkpoint_pa
     export_model(checkpoint_path, plain, parity_samples=8, progress=False)
     r = _invoke(images, "--model", plain, "-o", tmp_path / "q.csv", "--visualize", vis)
     assert r.exit_code == 2 and "needs the 'warped' output" in r.stderr
+    assert not (tmp_path / "q.csv").exists()
+    # A --visualize path that is a file, or lies under one: an error before any row is written.
+    (tmp_path / "a_file").write_text("x")
+    r = _invoke(images, "--model", model_path, "-o", tmp_path / "q.csv", "--visualize", tmp_path / "a_file")
+    assert r.exit_code == 2 and "is a file" in r.stderr
+    r = _invoke(images, "--model", model_path, "-o", tmp_path / "q.csv", "--visualize", tmp_path / "a_file" / "vis")
+    assert r.exit_code == 1 and r.stderr.strip() == f"Error: {tmp_path / 'a_file' / 'vis'}: Not a directory"
     assert not (tmp_path / "q.csv").exists()
     # ... and its rows carry no theta columns.
     assert _invoke(images, "--model", plain, "-o", tmp_path / "q.csv").exit_code == 0
