@@ -15,8 +15,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
     The temporary file lives in the destination directory so the final ``os.replace`` is a
-    rename on one file system. On any exception the temporary file is removed and ``path`` is
-    left untouched.
+    rename on one file system; the file and then the directory are synced, so that after a
+    power loss ``path`` is the old file or the new one, never a truncated one. On any exception
+    the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
     if path.is_dir():
@@ -25,7 +26,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise NotADirectoryError(errno.ENOTDIR, "a part of this path is a file, not a directory", str(path.parent)) from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the user's path, not the hidden temporary file
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates the file 0600; give the result the permissions a plain open() would.
@@ -34,9 +38,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        _fsync(tmp)  # the data is on disk before the rename can be
         os.replace(tmp, path)
+        _fsync(path.parent)  # and so is the rename
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
