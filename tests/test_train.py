@@ -97,12 +97,23 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, shapes):
     finally:
         trainer.save_checkpoint = original
     assert load_checkpoint(part).train_state["epoch"] == 2
-    resumed = train(cfg, resume=part, progress=False)
+    # stn-train --resume without --epochs: the interrupted run's total (3) and so its lr schedule
+    result = _run(["--resume", str(part), "--json"])
+    assert result.exit_code == 0, result.output
+    resumed = json.loads(result.stdout)
+    assert resumed["epochs"] == 3 and "3 epochs from epoch 3" in result.stderr
     a = load_checkpoint(tmp_path / "full.pt").train_state["last_state_dict"]
     b = load_checkpoint(part).train_state["last_state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert resumed.test_accuracy == full.test_accuracy
+    assert resumed["test_accuracy"] == full.test_accuracy
+    # A finished run has nothing left: an error, and the checkpoint stays as it is.
+    before = part.read_bytes()
+    again = _run(["--resume", str(part), "-o", str(tmp_path / "other.pt")])
+    assert again.exit_code != 0 and again.stderr.strip().splitlines() == [
+        f"Error: {part}: already trained 3 epochs; pass --epochs N > 3 to continue"
+    ]
+    assert part.read_bytes() == before and not (tmp_path / "other.pt").exists()
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path, shapes):

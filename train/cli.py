@@ -17,7 +17,7 @@ DEFAULTS = TrainConfig()
 @click.option("--dataset", default=DEFAULTS.dataset, metavar="NAME",
               help="digits (offline), cifar10, mnist, or imagefolder:PATH (one sub-folder per class).")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs,
-              help="Total epochs (with --resume: the new total).")
+              help="Total epochs. With --resume: the new total; without it, the interrupted run's.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr,
               help="Peak learning rate of the one-cycle schedule (warm-up, then cosine decay).")
@@ -53,9 +53,13 @@ def main(ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path
     """
     if resume is not None and ctx.get_parameter_source("output") is click.core.ParameterSource.DEFAULT:
         options["output"] = resume
+    if resume is not None:
+        state = read_resume_state(resume)
+        if "epochs" in state and ctx.get_parameter_source("epochs") is click.core.ParameterSource.DEFAULT:
+            options["epochs"] = state["epochs"]  # same total, same learning-rate schedule
     config = TrainConfig(**options)
     if resume is not None:
-        recorded = read_resume_state(resume)["recipe"]
+        recorded = state["recipe"]
         given = {
             name for name in TrainConfig.RECIPE
             if name in ctx.params and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT

@@ -227,7 +227,7 @@ def train(
         seconds = state["seconds"]
         history = [EpochStats(**h) for h in state["history"]]
         if start_epoch >= config.epochs:
-            log(f"{resume}: already trained {start_epoch} epochs; pass --epochs N > {start_epoch} to continue")
+            raise TrainError(f"{resume}: already trained {start_epoch} epochs; pass --epochs N > {start_epoch} to continue")
 
     total_steps = config.epochs * len(train_loader)
     log(
@@ -300,6 +300,7 @@ def train(
                 versions=versions(),
                 train_state={
                     "epoch": epoch + 1,
+                    "epochs": config.epochs,  # the run's total: a resume without --epochs keeps its schedule
                     "recipe": config.recipe(),
                     "model_config": model_config.to_dict(),
                     "optimizer": optimizer.state_dict(),
