@@ -106,6 +106,26 @@ def test_unknown_names_and_missing_data_are_one_line_errors(tmp_path):
         assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
 
 
+def test_a_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
+    """Offline with --download: MNIST's mirrors and CIFAR-10's URL both fail as 'could not download'."""
+    from urllib.error import URLError
+
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.mnist as mnist
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(DatasetError) as info:
+            load_dataset(name, "train", data_dir=tmp_path / name, download=True)
+        message = str(info.value)
+        assert message.startswith(f"{name}: could not download into {tmp_path / name} (") and "\n" not in message
+        assert "no network" in message
+
+
 # -- MNIST in torchvision's raw idx format ---------------------------------------------------------
 
 

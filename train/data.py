@@ -275,7 +275,7 @@ def _digits_base() -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, 
     return _DIGITS_CACHE["base"]  # type: ignore[return-value]
 
 
-DIGITS_TEST_COPIES = 4  # fixed distortions per held-out digit (1,440 test images)
+DIGITS_TEST_COPIES = 4  # fixed distortions per held-out digit (364 digits: 1,456 test images)
 
 
 def _load_digits(split: str, seed: int) -> LoadedDataset:
@@ -322,8 +322,11 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Load
     try:
         base = cls(root=str(root), train=(split == "train"), download=download)
     except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        if download and detail.startswith("Error downloading"):  # torchvision wraps MNIST's URLError
+            raise DatasetError(f"{name}: could not download into {root} ({detail})") from None
         if download:
-            raise DatasetError(f"{name} under {root} is unreadable after download ({exc})") from None
+            raise DatasetError(f"{name} under {root} is unreadable after download ({detail})") from None
         raise DatasetError(f"{name} not found under {where}; pass --download (or --data-dir DIR)") from None
     except OSError as exc:  # network failures (URLError is an OSError) and unreadable files
         reason = getattr(exc, "reason", None) or exc.strerror or exc
@@ -407,7 +410,7 @@ def _load_imagefolder(root: Path, split: str) -> LoadedDataset:
     # Normalization statistics from (up to 512 of) the training images, in the model's colour
     # order and size: the same conversion and resize that inference applies.
     probe = ImageFiles(train_paths, train_labels, Preprocessing(image_size=IMAGEFOLDER_SIZE))
-    step = max(1, len(train_paths) // 512)
+    step = math.ceil(len(train_paths) / 512)
     pixels = np.stack([probe.pixels(i) for i in range(0, len(train_paths), step)]).astype(np.float64) / 255.0
     mean = pixels.mean(axis=(0, 1, 2))
     std = np.maximum(pixels.std(axis=(0, 1, 2)), 1e-3)
