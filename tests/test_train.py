@@ -137,28 +137,38 @@ def test_visualize_flag_writes_the_warp_figure(tmp_path, shapes):
         assert im.format == "PNG" and im.width > 2 * 4 * 32 and im.height > 3 * 32
 
 
-def test_digits_checkpoint_visualization(tmp_path):
+def test_digits_checkpoint_visualization(tmp_path, monkeypatch):
     """The figure for a digits model: test images through the model's own transform()."""
     from stn_deploy.checkpoint import Checkpoint, save_checkpoint
     from stn_deploy.model import build_model
+    from stn_deploy.train import visualization
     from stn_deploy.train.data import load_dataset
-    from stn_deploy.train.visualization import visualize_checkpoint
 
+    drawn = []
+    real_save = visualization.save_warp_grid
+
+    def save(inputs, warped, path, **options):
+        drawn.append((inputs.astype(int), warped.astype(int)))
+        return real_save(inputs, warped, path, **options)
+
+    monkeypatch.setattr(visualization, "save_warp_grid", save)
     test = load_dataset("digits", "test")
     torch.manual_seed(0)
-    model = build_model()
-    with torch.no_grad():  # a θ that zooms in 2× so the warped half differs visibly from the input
-        model.fc_loc[-1].bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0, 0.5, 0.0]))
-    path = save_checkpoint(
-        Checkpoint(model.config, model.state_dict(), test.class_names, test.preprocessing, "digits"),
-        tmp_path / "digits.pt",
-    )
-    png = visualize_checkpoint(path, tmp_path / "fig.png", count=16)
-    with Image.open(png) as im:
-        figure = np.asarray(im.convert("RGB"))
-    half = figure.shape[1] // 2
-    left, right = figure[:, :half], figure[:, half:]
-    assert figure.shape[0] > 4 * 32 and not np.array_equal(left, right[:, : left.shape[1]])
+    for name, bias in (("identity", [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), ("zoom", [0.5, 0.0, 0.0, 0.0, 0.5, 0.0])):
+        model = build_model()
+        with torch.no_grad():  # the θ head's output is its bias when its weights are zero (the init)
+            model.fc_loc[-1].bias.copy_(torch.tensor(bias))
+        path = save_checkpoint(
+            Checkpoint(model.config, model.state_dict(), test.class_names, test.preprocessing, "digits"),
+            tmp_path / f"{name}.pt",
+        )
+        png = visualization.visualize_checkpoint(path, tmp_path / f"{name}.png", count=16)
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.height > 4 * 32
+    (inputs, same), (inputs_again, zoomed) = drawn
+    assert inputs.shape == (16, 32, 32, 3) and np.array_equal(inputs, inputs_again)
+    assert np.abs(same - inputs).max() <= 1  # identity θ: the warped half is the input
+    assert np.abs(zoomed - inputs).mean() > 10  # a 2× zoom changes it visibly
 
 
 def test_bad_resume_file_is_a_one_line_error(tmp_path):
