@@ -20,6 +20,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+        _fsync(tmp)  # the data is on disk before the rename can be
+        os.replace(tmp, path)
+        _fsync(path.parent)  # and so is the rename
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise now the error :func:`atomic_path` would raise for ``path`` at the end of a long job."""
+    _temporary_beside(Path(path)).unlink()
+
+
+def _temporary_beside(path: Path) -> Path:
+    """An empty temporary file in ``path``'s directory (created if missing); errors name ``path``."""
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
     try:
@@ -36,13 +53,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield tmp
-        _fsync(tmp)  # the data is on disk before the rename can be
-        os.replace(tmp, path)
-        _fsync(path.parent)  # and so is the rename
-    finally:
-        tmp.unlink(missing_ok=True)
+    return tmp
 
 
 def _fsync(path: Path) -> None:

@@ -182,6 +182,18 @@ def test_bad_resume_file_is_a_one_line_error(tmp_path):
     assert missing.exit_code != 0 and "no such file" in missing.stderr
 
 
+def test_unusable_output_paths_fail_before_training(tmp_path, shapes):
+    (tmp_path / "a_file").write_text("x")
+    base = ["--dataset", shapes, "--epochs", "1", "--batch-size", "16"]
+    for extra, bad in ((["--output", str(tmp_path / "a_file" / "m.pt")], tmp_path / "a_file"),
+                       (["--output", str(tmp_path / "m.pt"), "--visualize", str(tmp_path / "a_file" / "w.png")],
+                        tmp_path / "a_file")):
+        result = _run([*base, *extra])
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines() == [f"Error: {bad}: a part of this path is a file, not a directory"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no checkpoint: nothing was trained
+
+
 def test_missing_dataset_is_a_one_line_error(tmp_path):
     result = _run(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--output", str(tmp_path / "m.pt")])
     assert result.exit_code != 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from stn_deploy.cli import report_errors, to_json
+from stn_deploy.fileio import check_writable
 
 from .trainer import DEVICES, OPTIMIZERS, TrainConfig, TrainError, read_resume_state, train
 
@@ -69,6 +70,8 @@ def main(ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path
         if clashes:
             raise TrainError(f"{resume}: cannot resume with a different recipe: {'; '.join(clashes)}")
 
+    if visualize is not None:
+        check_writable(visualize)  # before training, not after it
     result = train(config, resume=resume, progress=progress)
     click.echo(
         f"best test accuracy {100 * result.test_accuracy:.2f}% (error {100 * (1 - result.test_accuracy):.2f}%) "

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, versions
 from stn_deploy.errors import CheckpointError, StnDeployError
+from stn_deploy.fileio import check_writable
 from stn_deploy.model import STNClassifier, STNConfig, build_model
 
 from .data import LoadedDataset, load_dataset
@@ -183,6 +184,7 @@ def train(
         config = dataclasses.replace(config, **state["recipe"])
 
     # -- setup -------------------------------------------------------------------------------
+    check_writable(config.output)  # an unusable --output fails now, not after the first epoch
     device = resolve_device(config.device)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
