@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from ..cli import report_errors, to_json
 from ..errors import ExportCheckError
+from ..fileio import check_writable
 from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
 from .targets import TARGETS
 
@@ -184,6 +185,7 @@ def main(
         if v is not None
     }
     output = output or default_output(model, target)
+    check_writable(output)  # a bad -o fails now, not after the export and its checks
     if not as_json:
         click.echo(f"Exporting {model} -> {output} (target {target})", err=True)
 

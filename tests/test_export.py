@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from conftest import make_checkpoint
+from conftest import assert_cli_error, make_checkpoint
 from stn_deploy import metadata as md
 from stn_deploy.checkpoint import load_checkpoint, save_checkpoint
 from stn_deploy.errors import CheckpointError, ExportCheckError
@@ -329,6 +329,13 @@ def test_bad_input_is_one_line_error_and_no_file(tmp_path, checkpoint_path, arch
         assert not marker.exists(), f"{label}: the pickle ran code"
     with pytest.raises(CheckpointError):
         export_model(tmp_path / "nope.pt", tmp_path / "x.onnx")
+
+
+def test_an_unusable_output_fails_before_the_export(tmp_path, checkpoint_path):
+    (tmp_path / "a_file").write_text("x")
+    result = CliRunner().invoke(stn_export, [str(checkpoint_path), "-o", str(tmp_path / "a_file" / "m.onnx")])
+    assert_cli_error(result, 1, f"Error: {tmp_path / 'a_file'}: a part of this path is a file, not a directory")
+    assert "Exporting" not in result.output  # refused before any export work
 
 
 def test_cli_help_and_default_output_names(tmp_path):
