@@ -402,9 +402,9 @@ def main(
         warmup_batch=min(batch_size, len(listing.files)),
     )
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))
-    if visualize is not None and not session.has_warped:
-        raise InferUsageError(f"{model_path}: --visualize needs the '{md.WARPED}' output (export with stn-export --with-warped)")
     if visualize is not None:
+        if not session.has_warped:
+            raise InferUsageError(f"{model_path}: --visualize needs the '{md.WARPED}' output (export with stn-export --with-warped)")
         visualize.mkdir(parents=True, exist_ok=True)  # a bad path fails here, before any row is written
 
     with open_output(output) as stream:

@@ -52,10 +52,10 @@ def main(ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path
       stn-train --resume model.pt --epochs 40    # continue a run to 40 epochs
       stn-train --dataset mnist --data-dir data --download
     """
-    if resume is not None and ctx.get_parameter_source("output") is click.core.ParameterSource.DEFAULT:
-        options["output"] = resume
     if resume is not None:
         state = read_resume_state(resume)
+        if ctx.get_parameter_source("output") is click.core.ParameterSource.DEFAULT:
+            options["output"] = resume
         if "epochs" in state and ctx.get_parameter_source("epochs") is click.core.ParameterSource.DEFAULT:
             options["epochs"] = state["epochs"]  # same total, same learning-rate schedule
     config = TrainConfig(**options)
