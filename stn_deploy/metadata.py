@@ -66,7 +66,3 @@ class ModelMetadata:
         if not isinstance(names, list):
             raise ValueError(f"{source}: bad '{CLASS_NAMES}' metadata (a JSON list of names, got {type(names).__name__})")
         return cls(preprocessing=pre, class_names=[str(n) for n in names], props=dict(props))
-
-    def json_value(self, key: str, default: Any = None) -> Any:
-        raw = self.props.get(key)
-        return default if raw is None else json.loads(raw)

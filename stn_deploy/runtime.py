@@ -273,7 +273,8 @@ class Session:
         cuda_conv_algo_search: ``EXHAUSTIVE`` | ``HEURISTIC`` | ``DEFAULT`` (cuDNN).
         io_binding: bind the input to the device and outputs to host memory (default: on for
             GPU providers, off on CPU, where a plain ``run`` is already zero-copy).
-        warmup: warm-up runs at construction (the first one also records the placement).
+        warmup: warm-up runs at construction; with record_placement at least one, which also
+            records the placement.
         warmup_batch: batch size of the warm-up input.
         spin: let ONNX Runtime's idle intra-op threads spin-wait. On a machine whose cores are
             shared with image decoding, spinning threads steal the decoder's time; ``False``
@@ -311,6 +312,8 @@ class Session:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelFileError(f"{self.model_path}: no such model file")
+        if threads is not None and threads < 0:
+            raise ProviderError(f"threads must be >= 0 (0: onnxruntime's default), got {threads}")
         if streams < 1:
             raise ProviderError(f"streams must be >= 1, got {streams}")
         if streams > 1 and threads and threads < streams:
@@ -319,8 +322,6 @@ class Session:
             raise ProviderError(
                 f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION)}, got {graph_optimization!r}"
             )
-        if threads is not None and threads < 0:
-            raise ProviderError(f"threads must be >= 0 (0: onnxruntime's default), got {threads}")
         self.requested_provider = provider
         self.threads = threads
         self.streams = streams
@@ -368,8 +369,16 @@ class Session:
             chain = resolve_providers(
                 provider, self.provider_config, input_name=first.name, input_shape=first.shape[1:]
             )
+        while True:
+            try:
+                self._session = self._create(self.session_options, chain)
+                break
+            except ProviderError as exc:  # a GPU provider that could not start (engine build, options)
+                if self.requested_provider.lower() != "auto" or len(chain) == 1:
+                    raise
+                warnings.warn(f"{exc}; auto: trying {_display(chain[1][0])}", RuntimeWarning, stacklevel=3)
+                chain = chain[1:]
         self.provider_chain = chain
-        self._session = self._create(self.session_options, chain)
         self.providers: list[str] = list(self._session.get_providers())
         self._check_providers_took(chain)
 
@@ -386,6 +395,11 @@ class Session:
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
         if md.LOG_PROBS not in self.output_names:
             raise ModelFileError(f"{self.model_path}: no '{md.LOG_PROBS}' output (outputs: {', '.join(self.output_names)})")
+        classes = self._session.get_outputs()[self.output_names.index(md.LOG_PROBS)].shape[-1]
+        if isinstance(classes, int) and classes != len(self.class_names):
+            raise ModelFileError(
+                f"{self.model_path}: '{md.LOG_PROBS}' has {classes} classes but the metadata names {len(self.class_names)}"
+            )
         want = tuple(self.preprocessing.input_shape)
         got = tuple(inputs[0].shape[1:])
         if all(isinstance(d, int) for d in got) and got != want:
@@ -408,10 +422,16 @@ class Session:
         names = [n for n, _ in chain]
         opts = [o for _, o in chain]
         try:
-            return ort.InferenceSession(str(self.model_path), sess_options=options, providers=names, provider_options=opts)
+            # enable_fallback=0: ONNX Runtime's own fallback prints to stdout (where stn-infer may be
+            # writing rows) and retries on other providers without their options; a failure here is
+            # ours to report, and "auto" tries the next provider itself (_init_session).
+            return ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=names, provider_options=opts, enable_fallback=0
+            )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
             msg = " ".join(str(exc).split())
-            if any(n in GPU_PROVIDERS for n in names) and ("provider" in msg.lower() or "cuda" in msg.lower()):
+            about = msg.replace(str(self.model_path), "").lower()  # not the file's name: stn.cuda.onnx is one
+            if any(n in GPU_PROVIDERS for n in names) and ("provider" in about or "cuda" in about):
                 raise ProviderError(f"{self.model_path}: {_display(names[0])} failed to start: {msg[:300]}") from None
             raise ModelFileError(f"{self.model_path}: onnxruntime cannot load it ({type(exc).__name__}: {msg[:300]})") from None
 
@@ -425,7 +445,7 @@ class Session:
             f"(its CUDA/cuDNN/TensorRT libraries are missing or do not match); session runs on {', '.join(map(_display, self.providers))}"
         )
         if self.requested_provider.lower() == "auto":
-            warnings.warn(f"{self.model_path}: {reason}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{self.model_path}: {reason}", RuntimeWarning, stacklevel=4)
         else:
             raise ProviderError(f"{self.model_path}: {reason}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,68 @@ def test_auto_falls_back_with_a_warning_when_a_gpu_provider_fails_to_start(monke
         Session(model_path, "cuda")
 
 
+def test_auto_tries_the_next_provider_when_one_cannot_start(monkeypatch, model_path):
+    """TensorRT fails to build (say), then CUDA: auto warns for each and ends on the CPU; the
+    TensorRT attempt carried the optimization profile read from the file. An explicit request
+    is an error at once."""
+    monkeypatch.setattr(runtime, "available_providers", lambda: GPU_BUILD)
+    real_create, tried = Session._create, []
+
+    def create(self, options, chain):
+        tried.append(chain)
+        if chain[0][0] in (TENSORRT, CUDA) and len(chain) > 1:
+            raise ProviderError(f"{self.model_path}: {chain[0][0]} failed to start: simulated")
+        return real_create(self, options, chain)
+
+    monkeypatch.setattr(Session, "_create", create)
+    with pytest.warns(RuntimeWarning, match="auto: trying") as caught:
+        session = Session(model_path, "auto", trt_max_batch=8)
+    assert [w.filename for w in caught] == [__file__] * 2  # the warnings point at the caller
+    assert [[n for n, _ in c] for c in tried] == [[CPU], [TENSORRT, CUDA, CPU], [CUDA, CPU], [CPU]]
+    assert tried[1][0][1]["trt_profile_min_shapes"] == "image:1x3x32x32"
+    assert tried[1][0][1]["trt_profile_max_shapes"] == "image:8x3x32x32"
+    assert session.providers == [CPU] and session.provider_chain == [(CPU, {})]
+    with pytest.raises(ProviderError, match="failed to start: simulated"):
+        Session(model_path, "tensorrt")
+
+
+def test_onnxruntime_is_never_left_to_fall_back_on_its_own(monkeypatch, model_path):
+    """Its fallback prints to stdout and drops the provider options; ours warns instead."""
+    seen = []
+    real = ort.InferenceSession
+
+    def session(*args, **kwargs):
+        seen.append(kwargs.get("enable_fallback"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    Session(model_path, "cpu")
+    assert seen and set(seen) == {0}
+
+
+def test_a_broken_file_named_cuda_is_a_model_error_not_a_provider_error(monkeypatch, tmp_path):
+    junk = tmp_path / "stn.cuda.onnx"
+    junk.write_bytes(b"not an onnx file")
+    monkeypatch.setattr(runtime, "available_providers", lambda: CUDA_BUILD)
+    with pytest.raises(ModelFileError, match="onnxruntime cannot load it"):
+        Session(junk, "auto")
+
+
+def test_class_names_must_match_the_model_output(tmp_path, model_path):
+    import onnx
+
+    from stn_deploy import metadata as md
+
+    model = onnx.load(model_path)
+    for prop in model.metadata_props:
+        if prop.key == md.CLASS_NAMES:
+            prop.value = json.dumps(["only"])
+    bad = tmp_path / "one_name.onnx"
+    onnx.save(model, bad)
+    with pytest.raises(ModelFileError, match="'log_probs' has 10 classes but the metadata names 1"):
+        Session(bad, "cpu")
+
+
 # -- real CPU sessions ---------------------------------------------------------------------------
 def test_session_reads_metadata_and_runs_batches(model_path):
     session = Session(model_path, "cpu", threads=1)
@@ -183,11 +246,13 @@ def test_streams_cut_the_batch_and_give_the_same_outputs(model_path):
 def test_streams_report_a_failed_chunk_after_the_other_chunks_ran(model_path, monkeypatch):
     """An error in one chunk reaches the caller once no stream thread is still running."""
     two = Session(model_path, "cpu", threads=2, streams=2)
-    real_run, sizes = two._session.run, []
+    real_run, sizes, lock = two._session.run, [], threading.Lock()
 
     def run(names, feeds):
-        sizes.append(len(feeds[two.input_name]))
-        if len(sizes) == 2:
+        with lock:  # both stream threads call this: count under a lock, so exactly one call fails
+            sizes.append(len(feeds[two.input_name]))
+            fail = len(sizes) == 2
+        if fail:
             raise RuntimeError("chunk failed")
         return real_run(names, feeds)
 
