@@ -3,7 +3,6 @@ an fp32 ONNX file it wrote → its int8 / fp16 variant."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -185,6 +184,8 @@ def main(
         if v is not None
     }
     output = output or default_output(model, target)
+    if model.exists() and output.resolve() == model.resolve():
+        raise click.BadParameter(f"{output} is MODEL itself; the ONNX file needs a file of its own", param_hint="-o/--output")
     check_writable(output)  # a bad -o fails now, not after the export and its checks
     if not as_json:
         click.echo(f"Exporting {model} -> {output} (target {target})", err=True)
@@ -216,15 +217,14 @@ def main(
         click.echo(
             f"Wrote {report.output} ({report.output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s", err=True
         )
-    variants = {}
-    if report.passed and (quantize or precision != "fp32"):
+    variants = {}  # export_model raised on any failed check, so the fp32 file here has passed them all
+    if quantize or precision != "fp32":
         variants = _variants(
             report.output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
             max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
         )
     if as_json:
         click.echo(to_json({**report.to_dict(), **variants}))
-    sys.exit(0 if report.passed else 1)
 
 
 def _derive_from_onnx(

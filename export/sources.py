@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
-from ..errors import CheckpointError, StnDeployError
+from ..errors import CheckpointError, StnDeployError, one_line
 from ..metadata import LOG_PROBS, THETA, WARPED
 from ..model import STNClassifier
 from ..preprocessing import Preprocessing
@@ -206,8 +206,11 @@ def _load_archive(
         raise CheckpointError(f"{path}: the program calls no grid_sample (not an STN-style model)")
 
     example = torch.zeros((2, c, h, w))
-    with torch.no_grad():
-        out = program.module()(example)
+    try:
+        with torch.no_grad():
+            out = program.module()(example)
+    except Exception as exc:  # noqa: BLE001 - e.g. a batch-dimension guard (min=3) that a batch of 2 breaks
+        raise CheckpointError(f"{path}: the program does not run on a batch of 2 ({one_line(exc, 200)})") from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
         raise CheckpointError(f"{path}: the program must return one [N, classes] log-probability tensor")
     num_classes = int(out.shape[1])
@@ -283,8 +286,14 @@ def parse_class_names(text: str | None) -> list[str] | None:
         return None
     p = Path(text)
     if p.is_file():
-        raw = p.read_text(encoding="utf-8")
+        try:
+            raw = p.read_text(encoding="utf-8")
+            names = json.loads(raw) if p.suffix == ".json" else None
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+            raise ExportOptionError(f"{p}: cannot read class names ({' '.join(str(exc).split())[:200]})") from None
         if p.suffix == ".json":
-            return [str(n) for n in json.loads(raw)]
+            if not isinstance(names, list):
+                raise ExportOptionError(f"{p}: class names must be a JSON list, got {type(names).__name__}")
+            return [str(n) for n in names]
         return [line.strip() for line in raw.splitlines() if line.strip()]
     return [n.strip() for n in text.split(",") if n.strip()]

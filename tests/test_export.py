@@ -153,7 +153,43 @@ def test_cli_json_report_and_dataset_samples(tmp_path):
     if load_samples("digits", 1, split="test") is not None:
         assert parity["inputs_by_kind"]["dataset"] > 0
     assert sum(parity["inputs_by_kind"].values()) == parity["n_inputs"] == 64
+    # every kind is compared at batch size 1 and at an odd size above 1 (7, or less for a short kind)
+    for kind, entry in parity["by_kind"].items():
+        sizes = entry["batch_sizes"]
+        assert sizes[0] == 1 and any(b > 1 and b % 2 for b in sizes), (kind, entry)
+    assert 7 in parity["by_kind"]["random"]["batch_sizes"]
     assert (tmp_path / "digits.onnx").is_file()
+    # -o may not be the checkpoint itself; a tiny --parity-samples still runs every probe it can
+    same = CliRunner().invoke(stn_export, [str(ckpt), "-o", str(ckpt), "-q"])
+    assert_cli_error(same, 2, "is MODEL itself")
+    small = CliRunner().invoke(stn_export, [str(ckpt), "-o", str(tmp_path / "small.onnx"), "--parity-samples", "3", "--json", "-q"])
+    assert small.exit_code == 0, small.output
+    assert json.loads(small.stdout)["parity"]["inputs_by_kind"] == {"extreme_theta": 3}
+
+
+def test_a_nan_difference_fails_parity():
+    from stn_deploy.export.parity import parity_verdict
+    from stn_deploy.export.report import OutputDiff, ParityStats
+
+    nan = OutputDiff(max_abs=float("nan"), mean_abs=float("nan"), p99_abs=float("nan"))
+    stats = ParityStats(n_inputs=4, inputs_by_kind={"random": 4}, outputs={"log_probs": nan}, top1_agreement=1.0,
+                        by_kind={}, notes=[])
+    passed, message, _ = parity_verdict(stats)
+    assert not passed and "log_probs max |Δ| nan > 0.0001" in message
+
+
+def test_class_names_file_errors_are_one_line(tmp_path):
+    from stn_deploy.export.sources import ExportOptionError, parse_class_names
+
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "dict.json").write_text('{"a": 1}')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for name, text in (("bad.json", "cannot read class names"), ("dict.json", "must be a JSON list, got dict"),
+                       ("latin1.txt", "cannot read class names")):
+        with pytest.raises(ExportOptionError, match=text) as info:
+            parse_class_names(str(tmp_path / name))
+        assert "\n" not in str(info.value) and str(tmp_path / name) in str(info.value)
+    assert parse_class_names(str(tmp_path / "dict.json").replace("dict", "none")) == [str(tmp_path / "none.json")]
 
 
 def test_cli_table_mnist_shaped_optimized(mnist_checkpoint_path, tmp_path):
@@ -163,8 +199,12 @@ def test_cli_table_mnist_shaped_optimized(mnist_checkpoint_path, tmp_path):
         [str(mnist_checkpoint_path), "-o", str(out), "--target", "cuda", "--optimize", "--parity-samples", "64", "-q"],
     )
     assert result.exit_code == 0, result.output
+    verdicts: dict[str, str] = {}  # each check's row: "  name  PASS  detail" (the first row of that name)
+    for words in (line.split() for line in result.stdout.splitlines()):
+        if len(words) > 1:
+            verdicts.setdefault(words[0], words[1])
     for name in CHECK_NAMES + ["optimized_" + n for n in CHECK_NAMES]:
-        assert f"{name}" in result.stdout
+        assert verdicts.get(name) == "PASS", (name, result.stdout)
     assert "FAIL" not in result.stdout and "top-1 agreement 100.00%" in result.stdout
     model = onnx.load(str(out))
     assert list(model.graph.input[0].type.tensor_type.shape.dim[i].dim_value for i in (1, 2, 3)) == [1, 28, 28]
@@ -372,3 +412,15 @@ def test_extreme_theta_probes_sample_outside():
         theta = identity * s + torch.tensor([[0.0, 0, tx], [0, 0, ty]])
         grid = F.affine_grid(theta, [1, 1, 16, 16], align_corners=False)
         assert (grid.abs() > 1).any(-1).float().mean() >= 0.25
+
+
+def test_theta_head_is_found_in_a_core_aten_program(archive_path):
+    """Decomposed to core ATen, the θ Linear is addmm(bias, x, t(weight)): still the θ head."""
+    from stn_deploy.export.parity import find_theta_head
+
+    program = torch.export.load(archive_path)
+    assert find_theta_head(program) is not None  # aten.linear
+    decomposed = program.run_decompositions()
+    assert any("addmm" in str(n.target) for n in decomposed.graph.nodes)
+    head = find_theta_head(decomposed)
+    assert head is not None and head == find_theta_head(program)
