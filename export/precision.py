@@ -96,10 +96,32 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     converted = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS), node_block_list=keep
     )
+    _skip_fp16_round_trips(converted.graph)
     toposort(converted.graph)  # the converter appends its Cast nodes at the end
     del converted.graph.value_info[:]  # some keep their fp32 types; shape inference re-derives them
     onnx.helper.set_model_props(converted, {**props, md.PRECISION: "fp16"})
     return converted, sorted(set(keep))
+
+
+def _skip_fp16_round_trips(graph: onnx.GraphProto) -> None:
+    """Between two fp32 nodes the converter inserts Cast(fp16) → Cast(fp32), which rounds the
+    tensor to fp16 on its way (the image into GridSample, θ, the grid, the log-probs). Point each
+    such Cast(fp32) at the fp32 tensor itself, and drop the Cast(fp16) where nothing else reads it."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next(a.i for a in node.attribute if a.name == "to")
+
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
+        if cast_to(node) == onnx.TensorProto.FLOAT and cast_to(first) == onnx.TensorProto.FLOAT16:
+            node.input[0] = first.input[0]  # an fp32 → fp32 Cast: the value passes unrounded
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if cast_to(n) == onnx.TensorProto.FLOAT16 and n.output[0] not in read]
+    for node in dead:
+        graph.node.remove(node)
 
 
 def _run(model_or_path, images: np.ndarray, provider: str) -> np.ndarray:

@@ -154,6 +154,25 @@ def test_fp16_conversion_and_parity(small_onnx, tmp_path):
     assert types[sampler.output[0]] == onnx.TensorProto.FLOAT  # the sampler runs in fp32
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert types[conv.output[0]] == f16
+    # Nothing kept in fp32 reads a value that went through fp16 on its way: no Cast(fp16) feeds a
+    # kept node, the image reaches GridSample as given, and log_probs is not rounded to fp16.
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def through_fp16(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type == "Cast":
+            if next(a.i for a in node.attribute if a.name == "to") == f16:
+                return True
+            node = producer.get(node.input[0])
+        return False
+
+    kept = {n.name for n in model.graph.node} & set(report.fp32_nodes)
+    assert kept and report.fp32_nodes == sorted(report.fp32_nodes)
+    for node in model.graph.node:
+        if node.name in kept:
+            assert not any(through_fp16(i) for i in node.input if i), node.name
+    assert not through_fp16(md.LOG_PROBS)
+    assert not through_fp16(sampler.input[0]) and not through_fp16(sampler.input[1])
 
 
 def test_fp16_refused_beyond_bounds(small_onnx, tmp_path, monkeypatch):
