@@ -72,7 +72,9 @@ class Int8Config:
     exact_rewrites: bool = True  # graph_rewrites.rewrite_exact before quantizing
     unfold_conv_rows: bool = True  # graph_rewrites.unfold_conv_rows: RGB convs as C_in % 4 == 0 convs
     # Quantize the tensors the unfolding Slices read (the image, the sampler's output) once, so the
-    # Slices copy uint8 (ForceQuantizeNoInputCheck); fp32 readers of them keep the fp32 tensor.
+    # Slices copy uint8 (ForceQuantizeNoInputCheck). The fp32 GridSample reads the fp32 image again
+    # (float_readers_read_float); a 'warped' output, when exported, is the uint8-rounded sampler
+    # output that the int8 classifier sees.
     quantize_slice_inputs: bool = True
     pre_process: bool = True  # onnxruntime.quantization.shape_inference.quant_pre_process
 
@@ -110,6 +112,7 @@ class QuantizationReport:
     top1_agreement: float  # percent of eval inputs with the same arg-max in both models
     max_abs_diff: float  # max |Δ log-prob|
     max_accuracy_drop: float | None
+    eval_source: str = "the calibration images"  # where the evaluation images came from
     written: bool = False
     rewrites: dict[str, int] = field(default_factory=dict)
     excluded_nodes: list[str] = field(default_factory=list)
@@ -139,6 +142,7 @@ class QuantizationReport:
             "config": self.config,
             "calibration_samples": self.calibration_samples,
             "eval_samples": self.eval_samples,
+            "eval_source": self.eval_source,
             "fp32_accuracy": self.fp32_accuracy,
             "int8_accuracy": self.int8_accuracy,
             "accuracy_drop": self.accuracy_drop,
@@ -163,7 +167,7 @@ class QuantizationReport:
         limit = "no limit" if self.max_accuracy_drop is None else f"limit {self.max_accuracy_drop:.2f}"
         lines = [
             f"int8 ({self.config['name']}): {self.source} -> {self.output}",
-            f"  {acc}, {limit}) on {self.eval_samples} images; calibrated on {self.calibration_samples}",
+            f"  {acc}, {limit}) on {self.eval_samples} images of {self.eval_source}; calibrated on {self.calibration_samples}",
             f"  top-1 agreement {self.top1_agreement:.2f}%, max |Δ log-prob| {self.max_abs_diff:.3g}",
             f"  {self.config['quant_format']} {self.config['activation_type']} activations / "
             f"{self.config['weight_type']} weights, per_channel={self.config['per_channel']}, "
@@ -363,6 +367,7 @@ def quantize_int8(
     *,
     eval_images: np.ndarray | None = None,
     eval_labels: np.ndarray | None = None,
+    eval_source: str | None = None,
     max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
     config: Int8Config = FAST_CPU,
     threads: int = 2,
@@ -372,6 +377,7 @@ def quantize_int8(
     ``calibration``: preprocessed images [N, C, H, W] (real samples, not noise). ``eval_images`` /
     ``eval_labels``: the held-out test split; without labels the gate uses the disagreement with
     fp32, and without eval images the calibration images are used for agreement only.
+    ``eval_source`` names where the eval images came from, for the report.
     ``max_accuracy_drop``: top-1 points; ``None`` turns the gate off. When the drop exceeds it,
     :class:`ExportCheckError` is raised and nothing is written at ``output_path``.
     """
@@ -446,6 +452,7 @@ def quantize_int8(
         top1_agreement=float((fp32_top == int8_top).mean() * 100),
         max_abs_diff=float(np.abs(fp32_out - int8_out).max()),
         max_accuracy_drop=max_accuracy_drop,
+        eval_source=(eval_source or "the evaluation images") if eval_images is not None else "the calibration images",
         rewrites=rewrites,
         excluded_nodes=excluded,
         op_counts=_op_counts(int8_model),

@@ -9,6 +9,7 @@ written only if it passes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,21 @@ def derive_variants(
             raise DatasetError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
         cal = load_calibration(calibration, pre, n=DEFAULT_CALIBRATION_SAMPLES, split="train",
                                class_names=class_names, data_dir=data_dir)
-        # Evaluate on the test split of the calibration dataset, else of the model's own dataset.
-        ev = _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir) or _test_split(dataset, pre, DEFAULT_EVAL_SAMPLES, data_dir)
+        # The gate's images, best first: the model's own test split (its labels are the model's
+        # classes); held-out images of the calibration dataset (labels dropped: they may name other
+        # classes); a labelled calibration directory (the report says it scored on those images).
+        ev = _test_split(dataset, pre, DEFAULT_EVAL_SAMPLES, data_dir)
+        if ev is None and (other := _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir)) is not None:
+            ev = dataclasses.replace(other, labels=None)
         if ev is None and cal.labels is not None:
-            ev = cal  # a labelled directory and no dataset: the gate uses its labels
+            ev = dataclasses.replace(cal, source=f"{cal.source} (the calibration images: no held-out split)")
         config = CONFIGS[int8_config] if int8_config else FAST_CPU
         echo(f"Quantizing {fp32_path} to int8 ({config.name}; calibration {cal.source}, {len(cal.images)} images)")
         report = quantize_int8(
             fp32_path, int8_output or md.variant_path(fp32_path, "int8"), cal.images,
             eval_images=ev.images if ev is not None else None,
             eval_labels=ev.labels if ev is not None else None,
+            eval_source=ev.source if ev is not None else None,
             max_accuracy_drop=max_accuracy_drop,
             config=config,
         )

@@ -113,6 +113,8 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     assert report.excluded_nodes and set(report.excluded_nodes) == set(theta_path_nodes(rewritten))
     kept_fp32 = {n.name: n for n in model.graph.node if n.name in report.excluded_nodes}
     assert set(kept_fp32) == set(report.excluded_nodes)
+    # the θ Linear, the grid's reshapes and transpose, and the grid MatMul
+    assert {n.op_type for n in kept_fp32.values()} >= {"Gemm", "Reshape", "Transpose", "MatMul"}
     # ... and they run in fp32: no weight or second operand of theirs is dequantized int8
     assert not any(i in producers and producers[i].op_type == "DequantizeLinear"
                    for n in kept_fp32.values() for i in n.input[1:])
@@ -206,7 +208,24 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     payload = json.loads(result.stdout)
     assert payload["int8"]["written"] and payload["int8"]["calibration_samples"] == 24
     assert payload["int8"]["accuracy_drop_measure"].startswith("disagreement")
+    assert payload["int8"]["eval_source"] == "the calibration images"  # unlabelled, and no test split to use
     assert (tmp_path / "cli.int8.onnx").is_file() and (tmp_path / "cli.onnx").is_file()
+
+    # Class folders named after the model's classes give labels; with no held-out split the
+    # gate scores on those same images, and the report says so.
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    for k in (0, 1):
+        _image_dir(labelled / f"class_{k}", 6, 20 + k)
+    scored = CliRunner().invoke(
+        export_main,
+        [str(tmp_path / "cli.onnx"), "-o", str(tmp_path / "lab.int8.onnx"), "-q", "--json", "--quantize", "int8",
+         "--calibration", str(labelled), "--max-accuracy-drop", "50"],
+    )
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout)["int8"]
+    assert report["accuracy_drop_measure"] == "top-1 points" and report["eval_samples"] == 12
+    assert report["eval_source"] == f"{labelled} (the calibration images: no held-out split)"
 
     # --int8-config plain: the same quantization without the row unfolding (the layout OpenVINO runs best)
     plain = CliRunner().invoke(
