@@ -204,7 +204,7 @@ def load_calibration(
     if path.is_dir():
         return _load_directory(path, preprocessing, n, class_names)
     name = str(spec)
-    if os.sep in name or path.suffix:
+    if not name.startswith("imagefolder:") and (os.sep in name or path.suffix):
         raise DatasetError(f"{spec}: no such calibration directory (and not a dataset name)")
     from ..train.data import load_samples  # torch: only where a dataset is named
 

@@ -217,6 +217,20 @@ def test_imagefolder_splits_and_preprocesses_like_inference(tmp_path):
     assert label == 0
 
 
+def test_imagefolder_samples_and_calibration_cover_every_class(tmp_path):
+    """load_samples takes the first n of a split: those must not all be the first class. And an
+    absolute imagefolder:PATH works as an int8 calibration source."""
+    from stn_deploy.export.quantize import load_calibration
+
+    _write_folder(tmp_path / "pets", per_class=6)
+    name = f"imagefolder:{tmp_path / 'pets'}"
+    _, labels = load_samples(name, 6, split="train")
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    pre = load_dataset(name, "train").preprocessing
+    cal = load_calibration(name, pre, n=6, split="train")
+    assert cal.labels.tolist() == [0, 1, 2, 0, 1, 2] and cal.source == f"{name}:train"
+
+
 def test_imagefolder_with_train_and_test_folders_and_grayscale_images(tmp_path):
     _write_folder(tmp_path / "d" / "train", classes=("a", "b"), per_class=3, mode="L")
     _write_folder(tmp_path / "d" / "test", classes=("a", "b"), per_class=2, mode="L")

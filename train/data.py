@@ -404,7 +404,10 @@ def _load_imagefolder(root: Path, split: str) -> LoadedDataset:
         raise DatasetError(f"{root}: no images in class folder(s) {', '.join(empty)}")
 
     def flatten(groups: list[list[Path]]) -> tuple[list[Path], list[int]]:
-        return [p for g in groups for p in g], [i for i, g in enumerate(groups) for _ in g]
+        """Round-robin over the classes, so the first n images of a split (load_samples: parity
+        and int8 calibration) cover every class instead of the first one."""
+        pairs = [(g[k], i) for k in range(max(map(len, groups), default=0)) for i, g in enumerate(groups) if k < len(g)]
+        return [p for p, _ in pairs], [i for _, i in pairs]
 
     train_paths, train_labels = flatten(train_files)
     # Normalization statistics from (up to 512 of) the training images, in the model's colour
