@@ -268,8 +268,9 @@ class CalibrationReader:
 def theta_path_nodes(model: onnx.ModelProto) -> list[str]:
     """The θ head's last Gemm/MatMul and every node between it and the sampler's grid input.
 
-    Walks back from each GridSample's grid; a graph without GridSample (the ``portable`` target)
-    falls back to Gemms with 6 outputs (θ is 2×3).
+    Walks back from each GridSample's grid. A graph without GridSample (the ``portable`` target)
+    starts from the Gemms with 6 outputs (θ is 2×3) and walks forward to the first Conv: the
+    sampler's standard-op decomposition stays fp32 too.
     """
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {t.name for t in model.graph.initializer}
@@ -290,12 +291,25 @@ def theta_path_nodes(model: onnx.ModelProto) -> list[str]:
             frontier.extend(i for i in node.input if i not in inits)
     if not samplers:
         shapes = {t.name: t.dims for t in model.graph.initializer}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for i in node.input:
+                readers.setdefault(i, []).append(node)
         for node in model.graph.node:
             if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in shapes:
                 dims = list(shapes[node.input[1]])
                 trans_b = any(a.name == "transB" and a.i for a in node.attribute)
                 if (dims[0] if trans_b else dims[-1]) == 6:
                     names.append(node.name)
+                    # The sampler is standard ops here: everything fed by θ up to the classifier's
+                    # first Conv (the grid, the corner indices and weights, the gathers) stays fp32.
+                    frontier, seen = list(node.output), {node.name}
+                    while frontier:
+                        for reader in readers.get(frontier.pop(), []):
+                            if reader.op_type != "Conv" and reader.name not in seen:
+                                seen.add(reader.name)
+                                names.append(reader.name)
+                                frontier.extend(reader.output)
     return [n for n in names if n]
 
 

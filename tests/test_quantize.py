@@ -18,7 +18,7 @@ from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as export_main
 from stn_deploy.export.graph_rewrites import rewrite_exact, unfold_conv_rows
 from stn_deploy.export.precision import FP16_MAX_ABS_DIFF, convert_fp16
-from stn_deploy.export.quantize import FAST_CPU, quantize_int8, theta_path_nodes
+from stn_deploy.export.quantize import CONFIGS, FAST_CPU, quantize_int8, theta_path_nodes
 from stn_deploy.model import STNConfig
 
 from conftest import assert_cli_error, make_checkpoint
@@ -303,3 +303,24 @@ def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_
         assert_cli_error(result, code, text)
     assert not any((tmp_path / n).exists() for n in ("x.onnx", "y.onnx", "z.onnx", "junk.fp16.onnx"))
     assert fp32.read_bytes() == before
+
+
+def test_portable_target_keeps_its_standard_op_sampler_in_fp32(tmp_path):
+    """Without GridSample the sampler is Floor/Gather/Where math fed by θ: none of it is
+    quantized (θ and the sampling coordinates would be uint8-rounded)."""
+    ckpt = make_checkpoint(tmp_path / "p.pt", SMALL, seed=3, theta_bias=(0.9, 0.1, 0.05, -0.1, 0.8, 0.0))
+    fp32 = tmp_path / "p.onnx"
+    export_model(ckpt, fp32, target="portable", parity_samples=8, progress=False)
+    report = quantize_int8(fp32, tmp_path / "p.int8.onnx", _images(32, 2), max_accuracy_drop=None,
+                           config=CONFIGS["plain"])
+    model = onnx.load(str(tmp_path / "p.int8.onnx"))
+    excluded = {n.name: n for n in model.graph.node if n.name in report.excluded_nodes}
+    assert {"Gemm", "Floor", "GatherElements", "Where"} <= {n.op_type for n in excluded.values()}
+    assert "Conv" not in {n.op_type for n in excluded.values()}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in excluded.values():  # no kept node reads a dequantized int8 tensor (the θ Gemm's
+        # activation input is the int8 layer before it; its weights, as every other input, are fp32) ...
+        inputs = node.input[1:] if node.op_type == "Gemm" else node.input
+        fed = [producers[i] for i in inputs if i in producers]
+        assert not any(f.op_type == "DequantizeLinear" for f in fed), node.name
+    assert any(n.op_type == "QLinearConv" or n.op_type == "DequantizeLinear" for n in model.graph.node)  # ... yet convs are int8
