@@ -206,8 +206,10 @@ def load_calibration(
     name = str(spec)
     if not name.startswith("imagefolder:") and (os.sep in name or path.suffix):
         raise DatasetError(f"{spec}: no such calibration directory (and not a dataset name)")
-    from ..train.data import load_samples  # torch: only where a dataset is named
+    from ..train.data import DATASETS, load_samples  # torch: only where a dataset is named
 
+    if name not in DATASETS and not name.startswith("imagefolder:"):
+        raise DatasetError(f"{spec}: not a directory, nor a dataset name ({', '.join(DATASETS)})")
     loaded = load_samples(name, n, split=split, data_dir=data_dir)
     if loaded is None:
         raise DatasetError(f"dataset '{name}': not available on this machine (split {split})")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from stn_deploy import metadata as md
-from stn_deploy.errors import ExportCheckError
+from stn_deploy.errors import DatasetError, ExportCheckError
 from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as export_main
 from stn_deploy.export.graph_rewrites import rewrite_exact, unfold_conv_rows
@@ -254,6 +254,12 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
                                                "--calibration", str(tmp_path / "nope")])
     assert_cli_error(missing, 1, "nope")
     assert not (tmp_path / "m.int8.onnx").exists()
+    # a mistyped dataset name says so (it used to read "not available on this machine")
+    from stn_deploy.export.quantize import load_calibration
+    from stn_deploy.preprocessing import Preprocessing
+
+    with pytest.raises(DatasetError, match="digitz: not a directory, nor a dataset name"):
+        load_calibration("digitz", Preprocessing())
 
 
 def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_path):
