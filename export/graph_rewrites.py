@@ -31,8 +31,8 @@ Not part of :func:`rewrite_exact` (they help only the int8 graph, see benchmarks
     unfolded conv qualifies and, quantized, runs the RGB convs about 2× faster. In fp32 it is
     slower (the NCHWc conv already handles C_in = 3 well), so only quantization applies it.
 ``pad_conv_input_channels`` zero-pads a Conv's input channels to a multiple of 4, the layout
-ONNX Runtime's symmetric int8 conv kernel requires (slower than ``unfold_conv_rows``; kept for
-comparison).
+ONNX Runtime's symmetric int8 conv kernel requires (slower than ``unfold_conv_rows``; no
+configuration uses it: it is kept, and tested, for the comparison in benchmarks/INT8.md).
 
 All functions edit an ``onnx.ModelProto`` in place and return how many places they changed.
 """

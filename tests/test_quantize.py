@@ -80,6 +80,22 @@ def test_unfold_conv_rows_keeps_outputs_and_makes_channels_a_multiple_of_4(small
     assert np.abs(a - b).max() <= 1e-5
 
 
+def test_pad_conv_input_channels_keeps_outputs(small_onnx, tmp_path):
+    """The channel-padding alternative of INT8.md's comparison: zero channels, same outputs."""
+    from stn_deploy.export.graph_rewrites import pad_conv_input_channels
+
+    model = onnx.load(str(small_onnx))
+    assert pad_conv_input_channels(model) == 2  # both RGB convs
+    onnx.checker.check_model(model, full_check=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert all(inits[n.input[1]].dims[1] % 4 == 0 for n in model.graph.node if n.op_type == "Conv")
+    onnx.save(model, tmp_path / "padded.onnx")
+    x = _images(8, 9)
+    a = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    b = ort.InferenceSession(str(tmp_path / "padded.onnx"), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    assert np.abs(a - b).max() <= 1e-5
+
+
 def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     cal, ev = _images(128, 2), _images(200, 3)
     labels = _fp32_labels(small_onnx, ev)  # fp32 is 100% right by construction: int8 accuracy = agreement
