@@ -419,10 +419,6 @@ def quantize_int8(
         tmp = Path(tmp_dir)
         prepared = tmp / "prepared.onnx"
         onnx.save(model, str(prepared))
-        if config.pre_process:
-            processed = tmp / "preprocessed.onnx"
-            quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
-            prepared = processed
         quantized = tmp / "int8.onnx"
         kwargs: dict[str, Any] = {}
         if config.op_types is not None:
@@ -430,6 +426,10 @@ def quantize_int8(
         if config.quantize_slice_inputs:
             kwargs["extra_options"] = {"ForceQuantizeNoInputCheck": True}
         try:
+            if config.pre_process:
+                processed = tmp / "preprocessed.onnx"
+                quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
+                prepared = processed
             quantize_static(
                 str(prepared),
                 str(quantized),
@@ -455,7 +455,10 @@ def quantize_int8(
     labels = eval_labels if eval_images is not None else None
     evaluate = np.ascontiguousarray(evaluate, dtype=np.float32)
     fp32_out = _log_probs(_session(str(source), threads), evaluate)
-    int8_out = _log_probs(_session(int8_model.SerializeToString(), threads), evaluate)
+    try:
+        int8_out = _log_probs(_session(int8_model.SerializeToString(), threads), evaluate)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        raise ExportCheckError(f"{source}: the int8 model does not run in onnxruntime ({one_line(exc)})") from None
     fp32_top, int8_top = fp32_out.argmax(1), int8_out.argmax(1)
     report = QuantizationReport(
         source=source,
