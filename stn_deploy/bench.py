@@ -59,7 +59,13 @@ class BackendUnavailable(Exception):
 
 
 class BenchOptionError(StnDeployError):
-    """Bad stn-bench options."""
+    """Bad stn-bench arguments (exit 2)."""
+
+    exit_code = 2
+
+
+class BenchError(StnDeployError):
+    """A run that cannot go on: an unusable --checkpoint, no backend that could run (exit 1)."""
 
 
 # -- runners -----------------------------------------------------------------------------------------
@@ -664,7 +670,7 @@ def main(
     }
     click.echo(to_json(report) if as_json else format_table(report))
     if not any(b.status == "ok" for b in backends):
-        raise BenchOptionError("no backend could run")
+        raise BenchError("no backend could run")
     if plot_path is not None:
         plot(report, plot_path)
     if any(b.status == "failed" for b in backends):
@@ -686,7 +692,7 @@ def _check_checkpoint_fits(checkpoint: Path, model: Path, session: Session) -> N
 
     ckpt = load_checkpoint(checkpoint)
     if tuple(ckpt.preprocessing.input_shape) != tuple(session.preprocessing.input_shape):
-        raise BenchOptionError(
+        raise BenchError(
             f"{checkpoint}: takes {list(ckpt.preprocessing.input_shape)} inputs, {model} takes "
             f"{list(session.preprocessing.input_shape)}; pass the checkpoint the model was exported from"
         )

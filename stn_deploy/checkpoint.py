@@ -118,15 +118,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{path}: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a stn-deploy checkpoint (no '{FORMAT}' header)")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: malformed checkpoint (format_version {version!r} is not an integer)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format {payload['format_version']} is newer than this stn-deploy reads ({FORMAT_VERSION})"
+            f"{path}: checkpoint format {version} is newer than this stn-deploy reads ({FORMAT_VERSION})"
         )
     try:
         config = STNConfig.from_dict(payload["config"])
         preprocessing = Preprocessing.from_dict(payload["preprocessing"])
         state_dict = payload["state_dict"]
         class_names = [str(c) for c in payload["class_names"]]
+        metrics, recorded_versions, train_state = (dict(payload.get(k, {})) for k in ("metrics", "versions", "train_state"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -141,8 +145,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         class_names=class_names,
         preprocessing=preprocessing,
         dataset=str(payload.get("dataset", "unknown")),
-        metrics=dict(payload.get("metrics", {})),
-        versions=dict(payload.get("versions", {})),
-        train_state=dict(payload.get("train_state", {})),
+        metrics=metrics,
+        versions=recorded_versions,
+        train_state=train_state,
         path=path,
     )

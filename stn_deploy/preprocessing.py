@@ -1,8 +1,10 @@
 """Preprocessing, defined once: how an image file becomes the model's input tensor.
 
-Training, calibration, export parity, inference and benchmarks all go through
-:class:`Preprocessing`, so the numbers a user sees at train time are the numbers they get in
-deployment. This module needs numpy and pillow only (no torch).
+Image files go through :class:`Preprocessing` wherever they are read: imagefolder training,
+int8 calibration from a directory, stn-infer, stn-bench on an image directory. Datasets that
+come as arrays (digits' rendered canvases, torchvision's CIFAR-10/MNIST) use its normalization
+statistics, which travel in the checkpoint and the ONNX metadata. This module needs numpy and
+pillow only (no torch).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 CHANNEL_ORDERS = {"RGB": 3, "L": 1}
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Preprocessing:
             raise ValueError(f"mean/std need {n} values for channel_order {self.channel_order!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
+        if len(self.image_size) != 2 or any(int(v) <= 0 for v in self.image_size):
+            raise ValueError(f"image_size must be two positive ints (height, width), got {list(self.image_size)}")
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -106,9 +113,7 @@ class Preprocessing:
     def resize(self, image: Image.Image) -> Image.Image:
         h, w = self.image_size
         if image.size != (w, h):
-            resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
-                        "bicubic": Image.Resampling.BICUBIC}[self.resample]
-            image = image.resize((w, h), resample)
+            image = image.resize((w, h), RESAMPLE[self.resample])
         return image
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:

@@ -136,6 +136,7 @@ def test_bad_checkpoint_and_plot_paths_fail_before_the_run(exported, tmp_path):
     junk.write_bytes(b"junk")
     assert_cli_error(CliRunner().invoke(main, [*base, "--checkpoint", str(junk)]), 1, "junk.pt")
     assert_cli_error(CliRunner().invoke(main, [*base, "--plot", str(tmp_path)]), 2, "is a directory")
+    assert_cli_error(CliRunner().invoke(main, [*base, "--backends", "bogus"]), 2, "unknown backend(s) bogus")
 
     # the results are printed first; then the plot's bad path is the error
     result = CliRunner().invoke(main, [*base, "--backends", "ort-cpu-fp32", "--plot", str(junk / "p.png")])

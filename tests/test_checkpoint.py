@@ -106,3 +106,19 @@ def test_weights_that_do_not_fit_the_config_are_a_checkpoint_error(tmp_path):
     loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "partial.pt"))
     with pytest.raises(CheckpointError, match="do not fit"):
         loaded.build_model()
+
+
+def test_malformed_fields_are_one_line_checkpoint_errors(tmp_path):
+    """Fields of the wrong type (a hand-edited or foreign payload) are messages, not TypeErrors."""
+    good = _checkpoint(STNConfig()).to_payload()
+    cases = {
+        "version.pt": ({"format_version": "2"}, "format_version '2' is not an integer"),
+        "metrics.pt": ({"metrics": [1, 2]}, "malformed checkpoint"),
+        "resample.pt": ({"preprocessing": {**good["preprocessing"], "resample": "lanczos"}}, "resample must be one of"),
+        "size.pt": ({"preprocessing": {**good["preprocessing"], "image_size": [32]}}, "image_size must be two positive"),
+    }
+    for name, (change, needle) in cases.items():
+        torch.save({**good, **change}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=needle) as info:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value)
