@@ -1,7 +1,8 @@
 """Must-show benchmark: STN vs the plain CNN on `digits` with the default stn-train recipe.
 
 Runs the real command twice (``stn-train --arch stn`` and ``stn-train --arch cnn``, nothing but
---arch, --output, --seed and --json on the command line, so the defaults are the recipe) and
+--arch, --output, --seed, --json, --device cpu and --no-progress on the command line, so the
+defaults are the recipe) and
 prints both test errors, their ratio and the STN training time. Writes the figures to
 benchmarks/results/train_digits.json.
 

@@ -1,7 +1,8 @@
 """Datasets for stn-train: the offline ``digits`` benchmark, torchvision's MNIST and CIFAR-10, and
-image folders. Every loader returns a :class:`LoadedDataset` whose images went through the one
-:class:`~stn_deploy.preprocessing.Preprocessing` that the checkpoint records, so inference
-preprocesses exactly as training did.
+image folders. Every loader returns a :class:`LoadedDataset` with the
+:class:`~stn_deploy.preprocessing.Preprocessing` that the checkpoint records: image folders are
+decoded and resized by it exactly as stn-infer does, and every dataset is normalized with its
+statistics.
 
 ``digits`` is the default and needs no network: the 1,797 real handwritten 8×8 digits bundled
 with scikit-learn, rendered on a 3×32×32 canvas under random rotation, scale and translation with
