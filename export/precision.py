@@ -107,12 +107,12 @@ def _skip_fp16_round_trips(graph: onnx.GraphProto) -> None:
     """Between two fp32 nodes the converter inserts Cast(fp16) → Cast(fp32), which rounds the
     tensor to fp16 on its way (the image into GridSample, θ, the grid, the log-probs). Point each
     such Cast(fp32) at the fp32 tensor itself, and drop the Cast(fp16) where nothing else reads it."""
-    producer = {out: node for node in graph.node for out in node.output}
+    from .graph_rewrites import _attr, _producers
+
+    producer = _producers(graph)
 
     def cast_to(node: onnx.NodeProto | None) -> int | None:
-        if node is None or node.op_type != "Cast":
-            return None
-        return next(a.i for a in node.attribute if a.name == "to")
+        return _attr(node, "to") if node is not None and node.op_type == "Cast" else None
 
     for node in graph.node:
         first = producer.get(node.input[0]) if node.op_type == "Cast" else None

@@ -204,11 +204,12 @@ def load_calibration(
     if path.is_dir():
         return _load_directory(path, preprocessing, n, class_names)
     name = str(spec)
-    if not name.startswith("imagefolder:") and (os.sep in name or path.suffix):
+    folder = name.startswith("imagefolder:")
+    if not folder and (os.sep in name or path.suffix):
         raise DatasetError(f"{spec}: no such calibration directory (and not a dataset name)")
     from ..train.data import DATASETS, load_samples  # torch: only where a dataset is named
 
-    if name not in DATASETS and not name.startswith("imagefolder:"):
+    if name not in DATASETS and not folder:
         raise DatasetError(f"{spec}: not a directory, nor a dataset name ({', '.join(DATASETS)})")
     loaded = load_samples(name, n, split=split, data_dir=data_dir)
     if loaded is None:
@@ -293,10 +294,7 @@ def theta_path_nodes(model: onnx.ModelProto) -> list[str]:
             frontier.extend(i for i in node.input if i not in inits)
     if not samplers:
         shapes = {t.name: t.dims for t in model.graph.initializer}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for i in node.input:
-                readers.setdefault(i, []).append(node)
+        readers = graph_rewrites._consumers(model.graph)
         for node in model.graph.node:
             if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in shapes:
                 dims = list(shapes[node.input[1]])
