@@ -13,7 +13,7 @@ import onnx
 import onnx.checker
 import onnx.shape_inference
 
-from ..errors import ModelFileError, one_line
+from stn_deploy.errors import ModelFileError, one_line
 from .report import CheckResult
 
 BATCH_SIZES = (1, 7, 64)

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..cli import report_errors, to_json
-from ..errors import ExportCheckError
-from ..fileio import check_writable
+from stn_deploy.console import report_errors, to_json
+from stn_deploy.errors import ExportCheckError
+from stn_deploy.fileio import check_writable
 from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
 from .targets import TARGETS
 

@@ -24,20 +24,22 @@ import os
 import tempfile
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import onnx
 import torch
 
-from .. import __version__
-from .. import metadata as md
-from ..checkpoint import versions
-from ..errors import ExportCheckError, StnDeployError, one_line
-from ..fileio import atomic_path
-from ..preprocessing import Preprocessing
+from stn_deploy import __version__
+from stn_deploy import metadata as md
+from stn_deploy.errors import ExportCheckError, StnDeployError, one_line
+from stn_deploy.fileio import atomic_path
+from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.runtime import create_session, session_options
+from stn_deploy.train.checkpoint import versions
+
 from . import checks
 from .checks import TensorSpec, run_check
+from .graph import op_counts
 from .graph_rewrites import rewrite_exact
 from .parity import measure_parity, parity_verdict
 from .report import CheckResult, ExportReport
@@ -91,7 +93,7 @@ def export_model(
     theta_fn = _theta_fn(reference) if has_theta_fn else None
     parity_kwargs = dict(
         reference=reference,
-        input_shape=src.input_shape,
+        preprocessing=src.preprocessing,
         output_names=outputs,
         n_inputs=parity_samples,
         dataset=src.dataset,
@@ -250,19 +252,9 @@ def _theta_fn(reference):
 # -- verification ------------------------------------------------------------------------------
 def session_factory(path: Path):
     """``make(overrides)`` → a CPU ONNX Runtime session of ``path``, initializers optionally replaced."""
-    import onnxruntime as ort
 
     def make(overrides: dict | None = None):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        keep = []
-        for name, array in (overrides or {}).items():
-            value = ort.OrtValue.ortvalue_from_numpy(array)
-            keep.append(value)  # must outlive the session
-            options.add_initializer(name, value)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        session._stn_keep_alive = keep
-        return session
+        return create_session(path, initializers=overrides)
 
     return make
 
@@ -322,22 +314,14 @@ def _optimize(path: Path, model: onnx.ModelProto) -> dict[str, int]:
 
     Returns the number of places each exact rewrite changed.
     """
-    import onnxruntime as ort
-
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
-    rewrites = rewrite_exact(rewritten)
+    rewritten, rewrites = rewrite_exact(model)
     onnx.save(rewritten, str(path))
 
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".opt.tmp", dir=path.parent)
     os.close(fd)
     optimized = Path(name)
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(optimized)
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        create_session(path, session_options(optimization="basic", optimized_model_path=optimized))
         result = onnx.load(str(optimized))
         result.producer_name = model.producer_name
         result.producer_version = model.producer_version
@@ -364,9 +348,3 @@ def _optimization_summary(before: dict[str, int], after: dict[str, int], rewrite
     applied = ", ".join(f"{name} x{n}" for name, n in rewrites.items() if n) or "none applied"
     message = f"exact rewrites: {applied}; then ONNX Runtime BASIC: {n_before} -> {n_after} nodes; {what}"
     return CheckResult("optimize", True, message, {"before": before, "after": after, "rewrites": rewrites})
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
-    return dict(sorted(counts.items()))
-

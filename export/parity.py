@@ -3,8 +3,9 @@
 ``random``
     Standard-normal images in the model's normalized input space.
 ``dataset``
-    Test-split samples of the checkpoint's dataset (``stn_deploy.train.data.load_samples``),
-    when the dataset is available on this machine.
+    Test-split samples of the checkpoint's dataset (``stn_deploy.train.data.load_image_samples``),
+    when it is a built-in dataset available on this machine (a checkpoint's metadata never makes
+    the export read a path of its choosing).
 ``extreme_theta``
     Inputs whose θ samples outside the image, so that zeros padding and the out-of-range
     neighbours of bilinear sampling are exercised. A trained (or freshly initialised) θ head
@@ -21,7 +22,6 @@ The thresholds are the project's parity bar: max |Δ log-prob| ≤ 1e-4 and iden
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import one_line
-from ..metadata import LOG_PROBS
+from stn_deploy.errors import StnDeployError, one_line
+from stn_deploy.metadata import LOG_PROBS
+from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.data import BUILTIN_DATASETS, load_image_samples
+
 from .report import OutputDiff, ParityStats
+from .theta_head import ThetaHead
 
 MAX_ABS_DIFF = 1e-4
 CHUNK = 64
@@ -44,84 +48,17 @@ FIRST_BATCHES = (1, 7)
 THETA_PROBES = ((1.0, 1.5, 0.0), (2.0, -1.2, 1.3), (0.5, 0.6, -1.8), (1.5, 2.5, 2.5))
 
 
-_TRANSPOSES = ("aten.t.default", "aten.permute.default", "aten.transpose.int")
-
-
-@dataclass(frozen=True)
-class ThetaHead:
-    """Names of the Linear layer that outputs θ (6 features) in the model and the ONNX graph."""
-
-    weight: str
-    bias: str
-
-
-def find_theta_head(program) -> ThetaHead | None:
-    """Walk back from the first grid_sample call in an ExportedProgram to the Linear that makes θ."""
-    graph = program.graph
-    params = program.graph_signature.inputs_to_parameters
-    samplers = [n for n in graph.nodes if n.op == "call_function" and "grid_sampler" in str(n.target)]
-    if not samplers:
-        return None
-    seen: set = set()
-    frontier = [samplers[0].args[1]]  # the grid
-    while frontier:
-        node = frontier.pop(0)
-        if not hasattr(node, "op") or node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_function" and str(node.target) in ("aten.linear.default", "aten.addmm.default"):
-            if str(node.target) == "aten.linear.default" and len(node.args) >= 3:
-                weight, bias = node.args[1], node.args[2]
-            else:
-                bias, weight = node.args[0], node.args[2]
-                if getattr(weight, "op", None) == "call_function" and str(weight.target) in _TRANSPOSES:
-                    weight = weight.args[0]  # core ATen: addmm(bias, x, t(weight))
-            w_name, b_name = params.get(getattr(weight, "name", "")), params.get(getattr(bias, "name", ""))
-            if w_name and b_name:
-                return ThetaHead(w_name, b_name)
-            return None
-        for arg in node.all_input_nodes:
-            frontier.append(arg)
-    return None
-
-
-def _load_dataset_samples(
-    dataset: str, n: int, shape: tuple[int, ...], data_dir: Path | None
+def _dataset_samples(
+    dataset: str, preprocessing: Preprocessing, n: int, data_dir: Path | None
 ) -> tuple[np.ndarray | None, str]:
-    """Up to ``n`` preprocessed test samples, or (None, why not)."""
-    if dataset in ("", "unknown", "random"):
-        return None, f"dataset '{dataset}' has no samples"
+    """Up to ``n`` preprocessed test samples of a built-in dataset, or (None, why not)."""
+    if dataset not in BUILTIN_DATASETS:  # a file's metadata never chooses a path to read
+        return None, f"dataset '{dataset}' is not a built-in dataset ({', '.join(BUILTIN_DATASETS)})"
     try:
-        from ..train.data import load_samples
-    except ImportError:
-        return None, "stn_deploy.train.data.load_samples is not available"
-    kwargs = {"split": "test"}
-    params = inspect.signature(load_samples).parameters
-    if data_dir is not None:
-        for key in ("data_dir", "root"):
-            if key in params:
-                kwargs[key] = data_dir
-                break
-    try:
-        result = load_samples(dataset, n, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a missing dataset only means this input kind is skipped
+        samples = load_image_samples(dataset, preprocessing, n=n, split="test", data_dir=data_dir)
+    except StnDeployError as exc:  # a missing dataset only means this input kind is skipped
         return None, f"dataset '{dataset}' not loaded ({one_line(exc, 120)})"
-    if result is None:
-        return None, f"dataset '{dataset}' not available on this machine"
-    if (
-        isinstance(result, (tuple, list))
-        and not isinstance(result, np.ndarray)
-        and len(result)
-        and not np.isscalar(result[0])
-    ):
-        first = result[0]
-        if isinstance(first, (np.ndarray, torch.Tensor)) and getattr(first, "ndim", 0) == 4:
-            result = first  # (images, labels)
-    images = result.numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
-    images = images.astype(np.float32)
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-        return None, f"dataset '{dataset}' samples have shape {images.shape[1:]}, model takes {shape}"
-    return images[:n], ""
+    return samples.images[:n], ""
 
 
 def _outside_fraction(theta: torch.Tensor, shape: tuple[int, ...], align_corners: bool) -> torch.Tensor:
@@ -134,7 +71,7 @@ def measure_parity(
     session_factory: Callable[[dict[str, np.ndarray] | None], object],
     reference: nn.Module,
     *,
-    input_shape: tuple[int, int, int],
+    preprocessing: Preprocessing,
     output_names: list[str],
     n_inputs: int,
     dataset: str = "unknown",
@@ -153,12 +90,13 @@ def measure_parity(
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
+    input_shape = preprocessing.input_shape
     notes: list[str] = []
     n_extreme = min(n_inputs, max(len(THETA_PROBES), n_inputs // 4)) if theta_head is not None else 0
     if theta_head is None:
         notes.append("extreme_theta: no Linear θ head found before grid_sample, kind skipped")
     n_dataset = (n_inputs - n_extreme) // 2
-    samples, why = _load_dataset_samples(dataset, n_dataset, input_shape, data_dir) if n_dataset else (None, "")
+    samples, why = _dataset_samples(dataset, preprocessing, n_dataset, data_dir) if n_dataset else (None, "")
     if samples is None:
         notes.append(f"dataset: {why}")
         samples = np.zeros((0, *input_shape), np.float32)

@@ -16,9 +16,9 @@ apply. We require max |Δ log-prob| ≤ 5e-2 over classes whose fp32 log-prob is
 classes a user can see; below that, a probability under 5e-5 is reported with a relative
 error, not an absolute one) and top-1 agreement ≥ 99% against the fp32 model.
 
-On a CPU-only machine ONNX Runtime has no fp16 Conv kernel for x86, so the check runs the fp16
-graph with ``onnx.reference.ReferenceEvaluator`` (numpy, exact fp16 semantics) on a small set of
-inputs; on a GPU machine it runs the CUDA provider on all of them.
+On a CPU-only machine the check runs the fp16 graph with ``onnx.reference.ReferenceEvaluator``
+(numpy, exact fp16 semantics) on a small set of inputs, so what is checked is the graph, not one
+CPU's fp16 kernels; on a GPU machine it runs the CUDA provider on all of them.
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from .. import metadata as md
-from ..errors import ExportCheckError
-from ..fileio import atomic_path
+from stn_deploy import metadata as md
+from stn_deploy.errors import ExportCheckError
+from stn_deploy.fileio import atomic_path
+from stn_deploy.runtime import CUDA, available_providers, create_session, session_options
+
 from .checks import load_onnx
+from .graph import ensure_node_names, theta_path_nodes, to_ir, to_proto
 
 FP16_MAX_ABS_DIFF = 5e-2
 FP16_MIN_TOP1_AGREEMENT = 99.0
@@ -84,59 +88,77 @@ class Fp16Report:
 
 def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """The fp16 graph (fp32 I/O) and the names of the nodes kept in fp32."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import (  # onnxruntime's converter: imported only for this step
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
-    from .graph_rewrites import toposort
-    from .quantize import _ensure_names, theta_path_nodes
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    _ensure_names(model)
-    keep = theta_path_nodes(model) + [n.name for n in model.graph.node if n.op_type in FP32_OPS]
+    graph_model = to_ir(model)
+    ensure_node_names(graph_model.graph)  # the converter keeps nodes in fp32 by name
+    keep = theta_path_nodes(graph_model.graph) + [n.name for n in graph_model.graph if n.op_type in FP32_OPS]
+    named = to_proto(graph_model)
     props = {p.key: p.value for p in model.metadata_props}
     converted = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS), node_block_list=keep
+        named, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS), node_block_list=keep
     )
+    converted = to_ir(converted)
     _skip_fp16_round_trips(converted.graph)
-    toposort(converted.graph)  # the converter appends its Cast nodes at the end
-    del converted.graph.value_info[:]  # some keep their fp32 types; shape inference re-derives them
-    onnx.helper.set_model_props(converted, {**props, md.PRECISION: "fp16"})
-    return converted, sorted(set(keep))
+    converted.graph.sort()  # the converter appends its Cast nodes at the end
+    # The converter's value_info keeps some fp32 types (and types initializers it left fp32 as
+    # fp16): forget every intermediate type; shape inference re-derives them from the graph.
+    values = [*converted.graph.initializers.values(), *(v for node in converted.graph for v in node.outputs)]
+    for value in values:
+        if not value.is_graph_output() and not value.is_graph_input():
+            value.shape, value.type = None, None
+    result = to_proto(converted)
+    onnx.helper.set_model_props(result, {**props, md.PRECISION: "fp16"})
+    return result, sorted(set(keep))
 
 
-def _skip_fp16_round_trips(graph: onnx.GraphProto) -> None:
+def _skip_fp16_round_trips(graph: ir.Graph) -> None:
     """Between two fp32 nodes the converter inserts Cast(fp16) → Cast(fp32), which rounds the
     tensor to fp16 on its way (the image into GridSample, θ, the grid, the log-probs). Point each
     such Cast(fp32) at the fp32 tensor itself, and drop the Cast(fp16) where nothing else reads it."""
-    from .graph_rewrites import _attr, _producers
 
-    producer = _producers(graph)
+    def cast_to(node: ir.Node | None) -> int | None:
+        return node.attributes.get_int("to") if node is not None and node.op_type == "Cast" else None
 
-    def cast_to(node: onnx.NodeProto | None) -> int | None:
-        return _attr(node, "to") if node is not None and node.op_type == "Cast" else None
-
-    for node in graph.node:
-        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
+    for node in list(graph):
+        first = node.inputs[0].producer() if node.op_type == "Cast" else None
         if cast_to(node) == onnx.TensorProto.FLOAT and cast_to(first) == onnx.TensorProto.FLOAT16:
-            node.input[0] = first.input[0]  # an fp32 → fp32 Cast: the value passes unrounded
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    dead = [n for n in graph.node if cast_to(n) == onnx.TensorProto.FLOAT16 and n.output[0] not in read]
-    for node in dead:
-        graph.node.remove(node)
+            node.replace_input_with(0, first.inputs[0])  # an fp32 → fp32 Cast: the value passes unrounded
+    for node in list(graph):
+        if cast_to(node) == onnx.TensorProto.FLOAT16 and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+            graph.remove(node, safe=True)
 
 
 def _run(model_or_path, images: np.ndarray, provider: str) -> np.ndarray:
     if provider == "reference":
-        from onnx.reference import ReferenceEvaluator
-
-        ref = ReferenceEvaluator(model_or_path)
+        ref = _reference_evaluator(model_or_path)
         return np.concatenate([ref.run([md.LOG_PROBS], {md.INPUT: images[i : i + 8]})[0] for i in range(0, len(images), 8)])
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     data = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    session = ort.InferenceSession(data, options, providers=[provider])
+    session = create_session(data, session_options(), [(provider, {})])
     return session.run([md.LOG_PROBS], {md.INPUT: images})[0]
+
+
+def _reference_evaluator(model):
+    """``onnx.reference.ReferenceEvaluator`` for ``model``, reading GridSample-16's mode names too.
+
+    Opset 20 renamed GridSample's modes (``bilinear`` → ``linear``, ``bicubic`` → ``cubic``) and
+    onnx's reference implementation only knows the new names; the ``cuda`` target is opset 16-19.
+    The sampling is the same, so the old names are mapped onto the new ones.
+    """
+    from onnx.reference import ReferenceEvaluator  # onnx's numpy evaluator: the CPU fp16 check only
+    from onnx.reference.ops.op_grid_sample import GridSample
+
+    class GridSampleAnyOpset(GridSample):
+        op_domain = ""
+
+        def _run(self, X, grid, align_corners=None, mode=None, padding_mode=None):  # noqa: N803 - onnx's names
+            mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+            return super()._run(X, grid, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
+
+    return ReferenceEvaluator(model, new_ops=[GridSampleAnyOpset])
 
 
 def convert_fp16(
@@ -163,9 +185,7 @@ def convert_fp16(
         raise ExportCheckError(f"{output}: check 'fp16_onnx_checker' failed: {' '.join(str(exc).split())[:300]}") from None
 
     if provider is None:
-        import onnxruntime as ort
-
-        provider = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "reference"
+        provider = CUDA if CUDA in available_providers() else "reference"
     images = np.ascontiguousarray(check_inputs if provider != "reference" else check_inputs[:reference_inputs], dtype=np.float32)
     want = _run(str(source), images, "CPUExecutionProvider")
     got = _run(fp16, images, provider).astype(np.float32)

@@ -1,24 +1,26 @@
 """int8: ONNX Runtime static quantization of a verified fp32 export, behind an accuracy gate.
 
-    >>> from stn_deploy.export.quantize import quantize_int8, load_calibration
-    >>> cal = load_calibration("digits", preprocessing, split="train")            # doctest: +SKIP
-    >>> ev = load_calibration("digits", preprocessing, split="test")              # doctest: +SKIP
+    >>> from stn_deploy.export.quantize import quantize_int8
+    >>> from stn_deploy.train.data import load_image_samples
+    >>> cal = load_image_samples("digits", preprocessing, split="train")          # doctest: +SKIP
+    >>> ev = load_image_samples("digits", preprocessing, split="test")            # doctest: +SKIP
     >>> report = quantize_int8("stn.onnx", "stn.int8.onnx", cal.images,
     ...                        eval_images=ev.images, eval_labels=ev.labels)        # doctest: +SKIP
     >>> report.accuracy_drop                                                       # doctest: +SKIP
 
-The default configuration, :data:`FAST_CPU`, is the one that makes int8 *faster* than fp32 on an
-AVX2 CPU without VNNI (benchmarks/INT8.md has the measurements and the reasons):
+The default configuration, :data:`FAST_CPU`, is the layout ONNX Runtime's x86 CPU kernels run
+fastest (benchmarks/INT8.md has the measurements, on CPUs with and without VNNI, and the reasons):
 
 * the fp32 graph first gets the exact rewrites of :mod:`.graph_rewrites` (ReLU before MaxPool,
   the affine grid as one MatMul, the unread conv rows cropped), and the RGB convs are unfolded
   into 1×K convs over row-shifted copies of their input (``unfold_conv_rows``: C_in 3 → 24 / 16,
   so they too get the symmetric kernel; the Slices and the Concat run on uint8, and the image and
   the sampler's output are each quantized once, before the Slices, not once per Slice);
-* QDQ format, **uint8 activations with symmetric int8 per-channel weights** (U8S8): the only
-  combination for which MLAS on AVX2 has its symmetric indirect-conv kernel (``vpmaddubsw``);
-* ``reduce_range``: 7-bit weights, so ``vpmaddubsw``'s int16 pair sums cannot saturate
-  (255·63·2 < 32767); without it the 3-channel convs lose accuracy;
+* QDQ format, **uint8 activations with symmetric int8 per-channel weights** (U8S8): the
+  combination for which MLAS has its symmetric indirect-conv kernels (``vpmaddubsw`` on AVX2,
+  ``vpdpbusd`` with VNNI);
+* ``reduce_range``: 7-bit weights, so ``vpmaddubsw``'s int16 pair sums cannot saturate on a CPU
+  without VNNI (255·63·2 < 32767); without it the 3-channel convs lose accuracy there;
 * only Conv, Gemm, MaxPool, Relu, Reshape, Slice and Concat are quantized; the θ head's last Gemm, the
   affine-grid math and GridSample stay fp32 (a sampling-coordinate error moves pixels);
 * ONNX Runtime's graph optimization at ``all``, where the QDQ pairs fold into QLinearConv /
@@ -42,12 +44,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .. import metadata as md
-from ..errors import DatasetError, ExportCheckError, StnDeployError, one_line
-from ..fileio import atomic_path
-from ..preprocessing import Preprocessing
-from . import graph_rewrites
+from stn_deploy import metadata as md
+from stn_deploy.errors import DatasetError, ExportCheckError, StnDeployError, one_line
+from stn_deploy.fileio import atomic_path
+from stn_deploy.runtime import create_session, session_options
+
 from .checks import load_onnx
+from .graph import ensure_node_names, op_counts, theta_path_nodes, to_ir, to_proto
+from .graph_rewrites import EXACT_RULES, unfold_conv_rows
 
 QUANTIZATION = "stn_deploy.quantization"  # metadata key: JSON {config, accuracy, ...}
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # top-1 points
@@ -176,74 +180,6 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-# -- calibration data ------------------------------------------------------------------------------
-@dataclass
-class Samples:
-    """Preprocessed images [N, C, H, W] float32, labels [N] int64 or None, and where they came from."""
-
-    images: np.ndarray
-    labels: np.ndarray | None
-    source: str
-
-
-def load_calibration(
-    spec: str | os.PathLike[str],
-    preprocessing: Preprocessing,
-    *,
-    n: int = DEFAULT_CALIBRATION_SAMPLES,
-    split: str = "train",
-    class_names: list[str] | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-) -> Samples:
-    """Images from a dataset name (``digits``, ``cifar10``, ...; its ``split``) or an image directory.
-
-    A directory is decoded with the model's own :class:`Preprocessing`; when its sub-folders are
-    named after ``class_names``, the images get those labels. Raises :class:`DatasetError`.
-    """
-    path = Path(spec)
-    if path.is_dir():
-        return _load_directory(path, preprocessing, n, class_names)
-    name = str(spec)
-    folder = name.startswith("imagefolder:")
-    if not folder and (os.sep in name or path.suffix):
-        raise DatasetError(f"{spec}: no such calibration directory (and not a dataset name)")
-    from ..train.data import DATASETS, load_samples  # torch: only where a dataset is named
-
-    if name not in DATASETS and not folder:
-        raise DatasetError(f"{spec}: not a directory, nor a dataset name ({', '.join(DATASETS)})")
-    loaded = load_samples(name, n, split=split, data_dir=data_dir)
-    if loaded is None:
-        raise DatasetError(f"dataset '{name}': not available on this machine (split {split})")
-    images, labels = loaded
-    images = images.numpy().astype(np.float32)
-    if tuple(images.shape[1:]) != tuple(preprocessing.input_shape):
-        raise DatasetError(
-            f"dataset '{name}': samples are {list(images.shape[1:])}, the model takes {list(preprocessing.input_shape)}"
-        )
-    return Samples(images, labels.numpy().astype(np.int64), f"{name}:{split}")
-
-
-def _load_directory(root: Path, preprocessing: Preprocessing, n: int, class_names: list[str] | None) -> Samples:
-    from ..images import decode, find_images
-
-    files = find_images(root).files
-    index = {name: i for i, name in enumerate(class_names or [])}
-    labelled = bool(index) and all(f.relative_to(root).parts[0] in index for f in files if len(f.relative_to(root).parts) > 1)
-    labelled = labelled and all(len(f.relative_to(root).parts) > 1 for f in files)
-    if len(files) > n:  # an even spread over the (sorted) files, so every class folder contributes
-        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, n)]
-    arrays, labels = [], []
-    for f in files:
-        result = decode(f, preprocessing)
-        if result.ok:
-            arrays.append(preprocessing.normalize(result.array))
-            if labelled:
-                labels.append(index[f.relative_to(root).parts[0]])
-    if not arrays:
-        raise DatasetError(f"{root}: none of its {len(files)} image files could be decoded")
-    return Samples(np.stack(arrays).astype(np.float32), np.asarray(labels, np.int64) if labelled else None, str(root))
-
-
 class CalibrationReader:
     """``onnxruntime.quantization.CalibrationDataReader`` over preprocessed images, in batches."""
 
@@ -268,52 +204,7 @@ class CalibrationReader:
 
 
 # -- which nodes stay fp32 ---------------------------------------------------------------------------
-def theta_path_nodes(model: onnx.ModelProto) -> list[str]:
-    """The θ head's last Gemm/MatMul and every node between it and the sampler's grid input.
-
-    Walks back from each GridSample's grid. A graph without GridSample (the ``portable`` target)
-    starts from the Gemms with 6 outputs (θ is 2×3) and walks forward to the first Conv: the
-    sampler's standard-op decomposition stays fp32 too.
-    """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name for t in model.graph.initializer}
-    names: list[str] = []
-    samplers = [n for n in model.graph.node if n.op_type == "GridSample"]
-    for sampler in samplers:
-        frontier, seen = [sampler.input[1]], set()
-        while frontier:
-            node = producers.get(frontier.pop())
-            if node is None or node.name in seen:
-                continue
-            seen.add(node.name)
-            names.append(node.name)
-            # The θ head's Linear (Gemm, or MatMul with its weight on the right) ends the walk;
-            # the grid's own MatMul has the constant base grid on the left and is walked through.
-            if node.op_type == "Gemm" or (node.op_type == "MatMul" and node.input[1] in inits):
-                continue
-            frontier.extend(i for i in node.input if i not in inits)
-    if not samplers:
-        shapes = {t.name: t.dims for t in model.graph.initializer}
-        readers = graph_rewrites._consumers(model.graph)
-        for node in model.graph.node:
-            if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in shapes:
-                dims = list(shapes[node.input[1]])
-                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-                if (dims[0] if trans_b else dims[-1]) == 6:
-                    names.append(node.name)
-                    # The sampler is standard ops here: everything fed by θ up to the classifier's
-                    # first Conv (the grid, the corner indices and weights, the gathers) stays fp32.
-                    frontier, seen = list(node.output), {node.name}
-                    while frontier:
-                        for reader in readers.get(frontier.pop(), []):
-                            if reader.op_type != "Conv" and reader.name not in seen:
-                                seen.add(reader.name)
-                                names.append(reader.name)
-                                frontier.extend(reader.output)
-    return [n for n in names if n]
-
-
-def float_readers_read_float(model: onnx.ModelProto, quantized_op_types: tuple[str, ...] | None) -> int:
+def float_readers_read_float(model: onnx.ModelProto, quantized_op_types: tuple[str, ...] | None) -> tuple[onnx.ModelProto, int]:
     """Point unquantized readers of ``DequantizeLinear(QuantizeLinear(x))``, ``x`` a graph input, back at ``x``.
 
     With ``ForceQuantizeNoInputCheck`` the quantizer rounds the image through uint8 for every
@@ -321,30 +212,24 @@ def float_readers_read_float(model: onnx.ModelProto, quantized_op_types: tuple[s
     fp32 model (only the Slices of the unfolded conv read the uint8 copy).
     """
     if quantized_op_types is None:
-        return 0
-    producers = {o: n for n in model.graph.node for o in n.output}
-    graph_inputs = {i.name for i in model.graph.input}
+        return model, 0
+    graph_model = to_ir(model)
     count = 0
-    for node in model.graph.node:
+    for node in graph_model.graph:
         if node.op_type in quantized_op_types or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        for i, name in enumerate(node.input):
-            dq = producers.get(name)
-            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in graph_inputs:
-                node.input[i] = q.input[0]
+        for i, value in enumerate(node.inputs):
+            dq = value.producer() if value is not None else None
+            q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.inputs[0].is_graph_input():
+                node.replace_input_with(i, q.inputs[0])
                 count += 1
-    return count
+    return to_proto(graph_model), count
 
 
 # -- running and comparing ------------------------------------------------------------------------
-def _session(path_or_bytes, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+def _session(path_or_bytes: str | bytes, threads: int = 2):
+    return create_session(path_or_bytes, session_options(threads=threads))
 
 
 def _log_probs(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -352,17 +237,6 @@ def _log_probs(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray
     out_name = md.LOG_PROBS if md.LOG_PROBS in [o.name for o in session.get_outputs()] else session.get_outputs()[0].name
     chunks = [session.run([out_name], {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-
-
-def _ensure_names(model: onnx.ModelProto) -> None:
-    taken = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type.lower()}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
 
 
 def _quant_type(name: str):
@@ -407,11 +281,12 @@ def quantize_int8(
     props = {p.key: p.value for p in model.metadata_props}
     input_name = model.graph.input[0].name
 
-    _ensure_names(model)
-    rewrites = graph_rewrites.rewrite_exact(model) if config.exact_rewrites else {}
-    if config.unfold_conv_rows:
-        rewrites["unfold_conv_rows"] = graph_rewrites.unfold_conv_rows(model)
-    excluded = theta_path_nodes(model) if config.keep_theta_fp32 else []
+    graph_model = to_ir(model)
+    ensure_node_names(graph_model.graph)  # nodes are excluded from quantization by name
+    rules = (EXACT_RULES if config.exact_rewrites else ()) + ((unfold_conv_rows(),) if config.unfold_conv_rows else ())
+    rewrites = {rule.name: rule.apply(graph_model) for rule in rules}
+    excluded = theta_path_nodes(graph_model.graph) if config.keep_theta_fp32 else []
+    model = to_proto(graph_model)
 
     with tempfile.TemporaryDirectory(prefix="stn-int8-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -447,7 +322,7 @@ def quantize_int8(
             raise ExportCheckError(f"{source}: int8 quantization failed ({one_line(exc)})") from None
         int8_model = onnx.load(str(quantized))
     if config.quantize_slice_inputs:
-        rewrites["float_readers_of_quantized_inputs"] = float_readers_read_float(int8_model, config.op_types)
+        int8_model, rewrites["float_readers_of_quantized_inputs"] = float_readers_read_float(int8_model, config.op_types)
 
     evaluate = eval_images if eval_images is not None else calibration
     labels = eval_labels if eval_images is not None else None
@@ -472,7 +347,7 @@ def quantize_int8(
         eval_source=(eval_source or "the evaluation images") if eval_images is not None else "the calibration images",
         rewrites=rewrites,
         excluded_nodes=excluded,
-        op_counts=_op_counts(int8_model),
+        op_counts=op_counts(int8_model),
     )
     report.seconds = time.perf_counter() - started
     if not report.passed:
@@ -499,11 +374,3 @@ def quantize_int8(
     report.written = True
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
-from ..errors import CheckpointError, StnDeployError, one_line
-from ..metadata import LOG_PROBS, THETA, WARPED
-from ..model import STNClassifier
-from ..preprocessing import Preprocessing
+from stn_deploy.train.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from stn_deploy.errors import CheckpointError, StnDeployError, one_line
+from stn_deploy.metadata import LOG_PROBS, THETA, WARPED
+from stn_deploy.train.model import STNClassifier
+from stn_deploy.preprocessing import Preprocessing
 from .sampling import portable_grid_sampler_decomposition
+from .theta_head import ThetaHead, find_theta_head
 
 ARCHIVE_SUFFIXES = (".pt2",)
 
@@ -75,8 +76,6 @@ class ExportSource:
         For a checkpoint it is the model's ``fc_loc[-1]`` (under :class:`STNHead`'s ``model.``
         prefix); for an archive it is found by walking back from grid_sample in its graph.
         """
-        from .parity import ThetaHead, find_theta_head
-
         if self.checkpoint is not None:
             if self.checkpoint.config.arch != "stn":
                 return None

@@ -16,10 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from .. import metadata as md
-from ..errors import DatasetError, ModelFileError
-from ..preprocessing import Preprocessing
+from stn_deploy import metadata as md
+from stn_deploy.errors import DatasetError, ModelFileError
+from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.data import BUILTIN_DATASETS, Samples, load_image_samples
+
 from .checks import load_onnx
+from .precision import convert_fp16
+from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, FAST_CPU, quantize_int8
 
 
 def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
@@ -35,14 +39,16 @@ def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
     return meta.preprocessing, meta.class_names, meta.props.get(md.DATASET, "")
 
 
-def _test_split(dataset: str, pre: Preprocessing, n: int, data_dir: Path | None):
-    from .quantize import load_calibration
-
-    if not dataset or dataset in ("random", "unknown") or Path(dataset).is_dir():
+def _test_split(dataset: str, pre: Preprocessing, n: int, data_dir: Path | None, *, from_user: bool = False) -> Samples | None:
+    """The test split of a dataset, or None. A name from the file's metadata must be a built-in
+    dataset (a model file never chooses a path to read); the user's --calibration may also be
+    ``imagefolder:PATH`` (a plain directory has no test split)."""
+    allowed = dataset.startswith("imagefolder:") or dataset in BUILTIN_DATASETS if from_user else dataset in BUILTIN_DATASETS
+    if not allowed:
         return None
     try:
-        return load_calibration(dataset, pre, n=n, split="test", data_dir=data_dir)
-    except (DatasetError, ImportError):
+        return load_image_samples(dataset, pre, n=n, split="test", data_dir=data_dir)
+    except DatasetError:
         return None
 
 
@@ -61,20 +67,18 @@ def derive_variants(
 ) -> dict[str, Any]:
     """Write the requested variants (default: beside ``fp32_path``, named by
     :func:`stn_deploy.metadata.variant_path`); returns ``{"int8": report, "fp16": report}`` dicts."""
-    from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, FAST_CPU, load_calibration, quantize_int8
-
     out: dict[str, Any] = {}
     pre, class_names, dataset = _model_info(fp32_path)
     if quantize == "int8":
         if not calibration:
             raise DatasetError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
-        cal = load_calibration(calibration, pre, n=DEFAULT_CALIBRATION_SAMPLES, split="train",
+        cal = load_image_samples(calibration, pre, n=DEFAULT_CALIBRATION_SAMPLES, split="train",
                                class_names=class_names, data_dir=data_dir)
         # The gate's images, best first: the model's own test split (its labels are the model's
         # classes); held-out images of the calibration dataset (labels dropped: they may name other
         # classes); a labelled calibration directory (the report says it scored on those images).
         ev = _test_split(dataset, pre, DEFAULT_EVAL_SAMPLES, data_dir)
-        if ev is None and (other := _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir)) is not None:
+        if ev is None and (other := _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir, from_user=True)) is not None:
             ev = dataclasses.replace(other, labels=None)
         if ev is None and cal.labels is not None:
             ev = dataclasses.replace(cal, source=f"{cal.source} (the calibration images: no held-out split)")
@@ -91,8 +95,6 @@ def derive_variants(
         echo(report.format_table())
         out["int8"] = report.to_dict()
     if precision == "fp16":
-        from .precision import convert_fp16
-
         ev = _test_split(dataset, pre, 4, data_dir)
         noise = np.random.default_rng(0).standard_normal((4, *pre.input_shape), dtype=np.float32)
         inputs = np.concatenate([ev.images[:4], noise]) if ev is not None else noise

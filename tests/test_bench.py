@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_cli_error, make_checkpoint
-from stn_deploy.bench import OrtRunner, TorchRunner, main, plan_backends
+from helpers import assert_cli_error, make_checkpoint
+from stn_deploy import metadata as md
+from stn_deploy.bench import BackendUnavailable, OrtRunner, TorchRunner, main, plan_backends
 from stn_deploy.export import export_model
-from stn_deploy.model import STNConfig
+from stn_deploy.export.quantize import quantize_int8
+from stn_deploy.train.model import STNConfig
 
 SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
 
@@ -22,6 +24,22 @@ def exported(tmp_path_factory):
     ckpt = make_checkpoint(root / "b.pt", SMALL, seed=5)
     export_model(ckpt, root / "b.onnx", parity_samples=8, progress=False)
     return ckpt, root / "b.onnx"
+
+
+@pytest.fixture(scope="module")
+def int8_file(exported, tmp_path_factory):
+    """A real int8 file of the small model (calibrated on noise: these tests time it, not score it)."""
+    _, onnx_path = exported
+    out = tmp_path_factory.mktemp("bench_int8") / "b.int8.onnx"
+    cal = np.random.default_rng(1).standard_normal((32, 3, 32, 32), dtype=np.float32)
+    quantize_int8(onnx_path, out, cal, max_accuracy_drop=None)
+    return out
+
+
+def _load_reason(runner) -> str:
+    with pytest.raises(BackendUnavailable) as exc:
+        runner.load()
+    return str(exc.value)
 
 
 def test_runners_share_one_interface_and_agree(exported):
@@ -82,12 +100,13 @@ def test_openvino_int8_row_reads_its_own_model_when_given(tmp_path):
     runners = {b.runner.name: b for b in plan_backends(fp32, None, int8, None, 2)}
     assert runners["openvino-cpu-int8"].runner.model == int8
     runners = {b.runner.name: b for b in plan_backends(fp32, None, None, None, 2)}
-    assert runners["openvino-cpu-int8"].status == "skipped" and "--openvino-int8-model" in runners["openvino-cpu-int8"].reason
+    missing = runners["openvino-cpu-int8"].runner
+    assert missing.model is None and "--openvino-int8-model" in _load_reason(missing)  # skipped with its reason
 
 
-def test_streams_rows_twin_the_cpu_rows(exported, tmp_path):
+def test_streams_rows_twin_the_cpu_rows(exported, int8_file, tmp_path):
     ckpt, onnx_path = exported
-    plan = plan_backends(onnx_path, None, onnx_path, None, 2, streams=2)
+    plan = plan_backends(onnx_path, None, int8_file, None, 2, streams=2)
     names = [b.runner.name for b in plan]
     for base in ("ort-cpu-fp32", "ort-cpu-int8", "openvino-cpu-default", "openvino-cpu-f32", "openvino-cpu-int8"):
         assert names.index(base + "-2streams") == names.index(base) + 1  # each twin follows its row
@@ -144,7 +163,7 @@ def test_bad_checkpoint_and_plot_paths_fail_before_the_run(exported, tmp_path):
     assert "ort-cpu-fp32" in result.stdout
 
 
-def test_variants_beside_the_model_are_found(exported, tmp_path):
+def test_variants_beside_the_model_are_found(exported, int8_file, tmp_path):
     """stn-export writes stn.int8.onnx / stn.fp16.onnx beside stn.onnx; stn-bench picks them up."""
     import shutil
 
@@ -157,9 +176,118 @@ def test_variants_beside_the_model_are_found(exported, tmp_path):
     int8_row = next(b for b in alone["backends"] if b["name"] == "ort-cpu-int8")
     assert int8_row["status"] == "skipped" and "no stn.int8.onnx beside --model" in int8_row["reason"]
 
-    shutil.copy(onnx_path, tmp_path / "stn.int8.onnx")  # stands in for stn-export's int8 file
+    shutil.copy(int8_file, tmp_path / "stn.int8.onnx")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     int8_row = next(b for b in json.loads(result.stdout)["backends"] if b["name"] == "ort-cpu-int8")
     assert int8_row["status"] == "ok" and int8_row["model"] == str(tmp_path / "stn.int8.onnx")
     assert "int8 rows read" in result.stderr
+
+
+def test_rows_are_named_by_what_the_file_is_not_by_the_flag(exported, int8_file):
+    """An int8 file given as --model is an int8 row; its precision comes from the graph."""
+    _, onnx_path = exported
+    names = [b.runner.name for b in plan_backends(int8_file, None, None, None, 1)]
+    assert "ort-cpu-int8" in names and "ort-cpu-fp32" not in names
+    dup = [b for b in plan_backends(int8_file, None, int8_file, None, 1) if b.runner.name == "ort-cpu-int8"]
+    assert [b.status for b in dup] == ["pending", "skipped"] and "already in the table" in dup[1].reason
+
+
+def _with_metadata(src, dst, **props):
+    import onnx
+
+    model = onnx.load(str(src))
+    current = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(model, {**current, **props})
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_the_model_file_never_chooses_what_stn_bench_reads(exported, tmp_path):
+    """--inputs auto reads a dataset only when the metadata names a built-in one; an
+    imagefolder: path in the file is ignored (random inputs), whatever is at that path."""
+    _, onnx_path = exported
+    trap = tmp_path / "trap"
+    (trap / "a").mkdir(parents=True)
+    (trap / "a" / "x.png").write_bytes(b"not read")
+    model = _with_metadata(onnx_path, tmp_path / "m.onnx", **{md.DATASET: f"imagefolder:{trap}"})
+    args = ["--model", str(model), "--batch-sizes", "1", "--iterations", "1", "--settle-ms", "0", "-q", "--json",
+            "--backends", "ort-cpu-fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["inputs"] == "random"
+
+
+def test_a_backend_that_returns_nan_fails_instead_of_agreeing(exported, tmp_path, monkeypatch):
+    ckpt, onnx_path = exported
+    real = OrtRunner.infer
+
+    def nan_infer(self, batch):
+        out = real(self, batch)
+        return np.full_like(out, np.nan) if self.name == "ort-cpu-fp32" else out
+
+    monkeypatch.setattr(OrtRunner, "infer", nan_infer)
+    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--batch-sizes", "1", "--iterations", "1",
+            "--inputs", "random", "--settle-ms", "0", "-q", "--json", "--backends", "ort-cpu-fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    row = next(b for b in report["backends"] if b["name"] == "ort-cpu-fp32")
+    assert row["status"] == "failed" and "non-finite" in row["reason"]
+    assert "ort-cpu-fp32" not in report["agreement"]
+
+
+def test_a_model_of_another_class_count_is_a_failed_row_and_a_checkpoint_one_line(exported, tmp_path):
+    ckpt, onnx_path = exported
+    five = make_checkpoint(tmp_path / "five.pt", STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16),
+                                                          loc_hidden=16, num_classes=5), seed=2)
+    five_onnx = tmp_path / "five.onnx"
+    export_model(five, five_onnx, parity_samples=4, progress=False)
+    base = ["--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "--settle-ms", "0", "-q"]
+    assert_cli_error(CliRunner().invoke(main, ["--model", str(onnx_path), "--checkpoint", str(five), *base]), 1,
+                     "five.pt: has 5 classes")
+    five_int8 = tmp_path / "five.int8.onnx"
+    quantize_int8(five_onnx, five_int8, np.zeros((8, 3, 32, 32), np.float32) + 0.5, max_accuracy_drop=None)
+    result = CliRunner().invoke(main, ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--int8-model",
+                                       str(five_int8), *base, "--json", "--backends", "ort-cpu-fp32,ort-cpu-int8"])
+    assert result.exit_code == 3, result.output  # the run finished; the odd backend is a failed row
+    rows = {b["name"]: b for b in json.loads(result.stdout)["backends"]}
+    assert rows["ort-cpu-int8"]["status"] == "failed" and "returned 5 classes" in rows["ort-cpu-int8"]["reason"]
+    assert rows["ort-cpu-fp32"]["status"] == "ok"
+
+
+def test_excluded_int8_rows_are_not_announced(exported, int8_file, tmp_path):
+    import shutil
+
+    _, onnx_path = exported
+    model = tmp_path / "stn.onnx"
+    shutil.copy(onnx_path, model)
+    shutil.copy(int8_file, tmp_path / "stn.int8.onnx")
+    args = ["--model", str(model), "--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "--settle-ms", "0",
+            "-q", "--backends", "ort-cpu-fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "int8 rows read" not in result.stderr and "ort-cpu-int8" not in result.stdout
+
+
+def test_inputs_auto_falls_back_to_random_without_torch(exported, monkeypatch):
+    """On a torch-free host the dataset cannot be rendered: random inputs, not an ImportError."""
+    import builtins
+
+    from stn_deploy.bench.measure import make_inputs
+    from stn_deploy.runtime import Session
+
+    _, onnx_path = exported
+    model_meta = onnx_path
+    real_import = builtins.__import__
+
+    def no_train(name, *args, **kwargs):
+        if name.startswith("stn_deploy.train"):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    with Session(model_meta, "cpu", warmup=0, record_placement=False) as session:
+        monkeypatch.setattr(session.metadata, "props", {**session.metadata.props, md.DATASET: "digits"})
+        monkeypatch.setattr(builtins, "__import__", no_train)
+        images, source = make_inputs(session, 4, "auto")
+    assert images.shape == (4, 3, 32, 32) and source == "random"

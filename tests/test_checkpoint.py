@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stn_deploy.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.errors import CheckpointError
-from stn_deploy.model import STNConfig, build_model
+from stn_deploy.train.model import STNConfig, build_model
 from stn_deploy.preprocessing import Preprocessing
 
 

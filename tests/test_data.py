@@ -220,7 +220,7 @@ def test_imagefolder_splits_and_preprocesses_like_inference(tmp_path):
 def test_imagefolder_samples_and_calibration_cover_every_class(tmp_path):
     """load_samples takes the first n of a split: those must not all be the first class. And an
     absolute imagefolder:PATH works as an int8 calibration source."""
-    from stn_deploy.export.quantize import load_calibration
+    from stn_deploy.train.data import load_image_samples as load_calibration
 
     _write_folder(tmp_path / "pets", per_class=6)
     name = f"imagefolder:{tmp_path / 'pets'}"

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from conftest import assert_cli_error, make_checkpoint
+from helpers import assert_cli_error, make_checkpoint
 from stn_deploy import metadata as md
-from stn_deploy.checkpoint import load_checkpoint, save_checkpoint
+from stn_deploy.train.checkpoint import load_checkpoint, save_checkpoint
 from stn_deploy.errors import CheckpointError, ExportCheckError
 from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as stn_export
@@ -416,7 +416,7 @@ def test_extreme_theta_probes_sample_outside():
 
 def test_theta_head_is_found_in_a_core_aten_program(archive_path):
     """Decomposed to core ATen, the θ Linear is addmm(bias, x, t(weight)): still the θ head."""
-    from stn_deploy.export.parity import find_theta_head
+    from stn_deploy.export.theta_head import find_theta_head
 
     program = torch.export.load(archive_path)
     assert find_theta_head(program) is not None  # aten.linear

@@ -13,23 +13,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from stn_deploy.infer import EXIT_SOME_FAILED, main
+from stn_deploy.infer.cli import EXIT_SOME_FAILED, main
 from stn_deploy.preprocessing import Preprocessing
 
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory, checkpoint_path) -> Path:
-    """The conftest checkpoint exported with theta and warped outputs, once per test session
-    (test_runtime.py's fixture writes the same path, so whichever runs first exports)."""
-    path = tmp_path_factory.getbasetemp() / "runtime_models" / "stn_theta_warped.onnx"
-    if not path.exists():
-        from stn_deploy.export import export_model
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_model(checkpoint_path, path, with_theta=True, with_warped=True, parity_samples=32, progress=False)
-    return path
 
 
 def _write_images(root: Path, n_png: int = 9, n_jpg: int = 8, seed: int = 0) -> list[Path]:
@@ -61,7 +48,7 @@ def _rows(path: Path) -> list[dict]:
 
 def test_parity_with_pytorch_on_png_and_jpeg_files(tmp_path, model_path, checkpoint_path):
     """stn-infer's log-probs and labels equal the PyTorch model's on the same decoded tensors."""
-    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.train.checkpoint import load_checkpoint
 
     images = tmp_path / "images"
     paths = _write_images(images)

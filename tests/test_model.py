@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stn_deploy.model import STNConfig, build_model
+from stn_deploy.train.model import STNConfig, build_model
 
 REFERENCE_MODULES = ["conv1", "conv2", "conv2_drop", "fc1", "fc2", "localization", "fc_loc"]
 

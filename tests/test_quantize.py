@@ -16,12 +16,13 @@ from stn_deploy import metadata as md
 from stn_deploy.errors import DatasetError, ExportCheckError
 from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as export_main
-from stn_deploy.export.graph_rewrites import rewrite_exact, unfold_conv_rows
+from stn_deploy.export.graph import theta_path_nodes, to_ir
+from stn_deploy.export.graph_rewrites import EXACT_RULES, apply_rules, rewrite_exact, unfold_conv_rows
 from stn_deploy.export.precision import FP16_MAX_ABS_DIFF, convert_fp16
-from stn_deploy.export.quantize import CONFIGS, FAST_CPU, quantize_int8, theta_path_nodes
-from stn_deploy.model import STNConfig
+from stn_deploy.export.quantize import CONFIGS, FAST_CPU, quantize_int8
+from stn_deploy.train.model import STNConfig
 
-from conftest import assert_cli_error, make_checkpoint
+from helpers import assert_cli_error, make_checkpoint
 
 SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
 
@@ -53,8 +54,7 @@ def _fp32_labels(path, images):
 
 
 def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
-    model = onnx.load(str(small_onnx))
-    counts = rewrite_exact(model)
+    model, counts = rewrite_exact(onnx.load(str(small_onnx)))
     assert counts == {"relu_before_maxpool": 4, "affine_grid_as_matmul": 1, "crop_unpooled_conv_input": 1,
                       "crop_through_pool": 1}
     onnx.checker.check_model(model, full_check=True)
@@ -66,9 +66,8 @@ def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
 
 
 def test_unfold_conv_rows_keeps_outputs_and_makes_channels_a_multiple_of_4(small_onnx, tmp_path):
-    model = onnx.load(str(small_onnx))
-    rewrite_exact(model)
-    assert unfold_conv_rows(model) == 2  # the localization net's and the classifier's RGB convs
+    model, counts = apply_rules(onnx.load(str(small_onnx)), [*EXACT_RULES, unfold_conv_rows()])
+    assert counts["unfold_conv_rows"] == 2  # the localization net's and the classifier's RGB convs
     onnx.checker.check_model(model, full_check=True)
     inits = {t.name: t for t in model.graph.initializer}
     for conv in (n for n in model.graph.node if n.op_type == "Conv"):
@@ -84,8 +83,8 @@ def test_pad_conv_input_channels_keeps_outputs(small_onnx, tmp_path):
     """The channel-padding alternative of INT8.md's comparison: zero channels, same outputs."""
     from stn_deploy.export.graph_rewrites import pad_conv_input_channels
 
-    model = onnx.load(str(small_onnx))
-    assert pad_conv_input_channels(model) == 2  # both RGB convs
+    model, counts = apply_rules(onnx.load(str(small_onnx)), [pad_conv_input_channels()])
+    assert counts == {"pad_conv_input_channels": 2}  # both RGB convs
     onnx.checker.check_model(model, full_check=True)
     inits = {t.name: t for t in model.graph.initializer}
     assert all(inits[n.input[1]].dims[1] % 4 == 0 for n in model.graph.node if n.op_type == "Conv")
@@ -123,10 +122,8 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     assert [n.op_type for n in model.graph.node if md.INPUT in n.input].count("QuantizeLinear") == 1
     assert sampler.input[0] == md.INPUT and report.rewrites["float_readers_of_quantized_inputs"] == 1
     # the nodes kept out of quantization are the θ path of the graph that was quantized (rewritten fp32)
-    rewritten = onnx.load(str(small_onnx))
-    rewrite_exact(rewritten)
-    unfold_conv_rows(rewritten)
-    assert report.excluded_nodes and set(report.excluded_nodes) == set(theta_path_nodes(rewritten))
+    rewritten, _ = apply_rules(onnx.load(str(small_onnx)), [*EXACT_RULES, unfold_conv_rows()])
+    assert report.excluded_nodes and set(report.excluded_nodes) == set(theta_path_nodes(to_ir(rewritten).graph))
     kept_fp32 = {n.name: n for n in model.graph.node if n.name in report.excluded_nodes}
     assert set(kept_fp32) == set(report.excluded_nodes)
     # the θ Linear, the grid's reshapes and transpose, and the grid MatMul
@@ -271,7 +268,7 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     assert_cli_error(missing, 1, "nope")
     assert not (tmp_path / "m.int8.onnx").exists()
     # a mistyped dataset name says so (it used to read "not available on this machine")
-    from stn_deploy.export.quantize import load_calibration
+    from stn_deploy.train.data import load_image_samples as load_calibration
     from stn_deploy.preprocessing import Preprocessing
 
     with pytest.raises(DatasetError, match="digitz: not a directory, nor a dataset name"):

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from stn_deploy import runtime
+from stn_deploy.runtime import providers
 from stn_deploy.errors import ModelFileError, ProviderError
 from stn_deploy.runtime import (
     CPU,
@@ -27,22 +28,6 @@ from stn_deploy.runtime import (
     parse_profile,
     resolve_providers,
 )
-
-
-def exported_model(tmp_path_factory, checkpoint_path: Path, name: str = "stn_theta_warped.onnx") -> Path:
-    """The conftest checkpoint exported once per test session (shared by the runtime/infer tests)."""
-    path = tmp_path_factory.getbasetemp() / "runtime_models" / name
-    if not path.exists():
-        from stn_deploy.export import export_model
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_model(checkpoint_path, path, with_theta=True, with_warped=True, parity_samples=32, progress=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory, checkpoint_path) -> Path:
-    return exported_model(tmp_path_factory, checkpoint_path)
 
 
 # -- provider selection (no GPU needed) ----------------------------------------------------------
@@ -80,7 +65,9 @@ def test_unknown_provider():
 
 
 def test_provider_options_are_built_from_the_config(tmp_path):
-    config = ProviderConfig(device_id=1, trt_fp16=True, trt_engine_cache=tmp_path / "trt", trt_max_batch=64, cuda_conv_algo_search="heuristic")
+    config = ProviderConfig(
+        device_id=1, trt_fp16=True, trt_engine_cache=tmp_path / "trt", trt_max_batch=64, cuda_conv_algo_search="heuristic"
+    )
     chain = dict(resolve_providers("tensorrt", config, available=GPU_BUILD, input_name="image", input_shape=(3, 32, 32)))
     trt = chain[TENSORRT]
     assert trt["device_id"] == 1 and trt["trt_fp16_enable"] is True
@@ -99,9 +86,9 @@ def test_provider_options_are_built_from_the_config(tmp_path):
 
 def test_available_providers_source_is_monkeypatchable(monkeypatch, model_path):
     """Session asks runtime.available_providers(): a build 'with' CUDA selects it first."""
-    monkeypatch.setattr(runtime, "available_providers", lambda: CUDA_BUILD)
+    monkeypatch.setattr(providers, "available_providers", lambda: CUDA_BUILD)
     assert [n for n, _ in resolve_providers("auto")] == [CUDA, CPU]
-    monkeypatch.setattr(runtime, "available_providers", lambda: CPU_BUILD)
+    monkeypatch.setattr(providers, "available_providers", lambda: CPU_BUILD)
     with pytest.raises(ProviderError, match="has no CUDAExecutionProvider"):
         Session(model_path, "cuda")
 
@@ -109,7 +96,7 @@ def test_available_providers_source_is_monkeypatchable(monkeypatch, model_path):
 def test_auto_falls_back_with_a_warning_when_a_gpu_provider_fails_to_start(monkeypatch, model_path):
     """A build that lists CUDA but cannot start it (no driver here): auto warns and runs on CPU;
     an explicit request is an error. onnxruntime is really asked for CUDA in both cases."""
-    monkeypatch.setattr(runtime, "available_providers", lambda: CUDA_BUILD)
+    monkeypatch.setattr(providers, "available_providers", lambda: CUDA_BUILD)
     if CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime build really has CUDA; the failure path cannot be provoked")
     with pytest.warns(RuntimeWarning, match="failed to initialise"):
@@ -123,19 +110,22 @@ def test_auto_tries_the_next_provider_when_one_cannot_start(monkeypatch, model_p
     """TensorRT fails to build (say), then CUDA: auto warns for each and ends on the CPU; the
     TensorRT attempt carried the optimization profile read from the file. An explicit request
     is an error at once."""
-    monkeypatch.setattr(runtime, "available_providers", lambda: GPU_BUILD)
-    real_create, tried = Session._create, []
+    monkeypatch.setattr(providers, "available_providers", lambda: GPU_BUILD)
+    from stn_deploy.runtime import session as session_module
 
-    def create(self, options, chain):
+    real_create, tried = session_module.create_session, []
+
+    def create(model, options=None, chain=None, **kwargs):
+        chain = chain or [(CPU, {})]
         tried.append(chain)
         if chain[0][0] in (TENSORRT, CUDA) and len(chain) > 1:
-            raise ProviderError(f"{self.model_path}: {chain[0][0]} failed to start: simulated")
-        return real_create(self, options, chain)
+            raise ProviderError(f"{model}: {chain[0][0]} failed to start: simulated")
+        return real_create(model, options, chain, **kwargs)
 
-    monkeypatch.setattr(Session, "_create", create)
+    monkeypatch.setattr(session_module, "create_session", create)
     with pytest.warns(RuntimeWarning, match="auto: trying") as caught:
-        session = Session(model_path, "auto", trt_max_batch=8)
-    assert [w.filename for w in caught] == [__file__] * 2  # the warnings point at the caller
+        session = Session(model_path, "auto", provider_config=ProviderConfig(trt_max_batch=8), device_check=False)
+    assert [w.filename for w in caught if "auto: trying" in str(w.message)] == [__file__] * 2  # at the caller
     assert [[n for n, _ in c] for c in tried] == [[CPU], [TENSORRT, CUDA, CPU], [CUDA, CPU], [CPU]]
     assert tried[1][0][1]["trt_profile_min_shapes"] == "image:1x3x32x32"
     assert tried[1][0][1]["trt_profile_max_shapes"] == "image:8x3x32x32"
@@ -161,7 +151,7 @@ def test_onnxruntime_is_never_left_to_fall_back_on_its_own(monkeypatch, model_pa
 def test_a_broken_file_named_cuda_is_a_model_error_not_a_provider_error(monkeypatch, tmp_path):
     junk = tmp_path / "stn.cuda.onnx"
     junk.write_bytes(b"not an onnx file")
-    monkeypatch.setattr(runtime, "available_providers", lambda: CUDA_BUILD)
+    monkeypatch.setattr(providers, "available_providers", lambda: CUDA_BUILD)
     with pytest.raises(ModelFileError, match="onnxruntime cannot load it"):
         Session(junk, "auto")
 
@@ -337,7 +327,7 @@ def test_model_without_stn_metadata_is_refused(tmp_path):
 
 
 def test_runtime_imports_no_torch():
-    code = "import sys, stn_deploy.runtime, stn_deploy.images, stn_deploy.infer; print('torch' in sys.modules)"
+    code = "import sys, stn_deploy.runtime, stn_deploy.images, stn_deploy.infer.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -349,7 +339,7 @@ def test_cuda_session_matches_cpu(model_path):
         pytest.skip(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)")
     x = np.random.default_rng(2).normal(size=(8, 3, 32, 32)).astype(np.float32)
     cpu = Session(model_path, "cpu").run(x)
-    cuda = Session(model_path, "cuda", cuda_conv_algo_search="HEURISTIC")
+    cuda = Session(model_path, "cuda", provider_config=ProviderConfig(cuda_conv_algo_search="HEURISTIC"))
     assert cuda.provider == CUDA and cuda.io_binding
     out = cuda.run(x)
     np.testing.assert_allclose(out["log_probs"], cpu["log_probs"], atol=1e-4)
@@ -363,7 +353,7 @@ def test_tensorrt_session_matches_cpu(model_path, tmp_path):
         pytest.skip(f"onnxruntime {ort.__version__} here has no TensorrtExecutionProvider (needs onnxruntime-gpu with TensorRT)")
     x = np.random.default_rng(3).normal(size=(8, 3, 32, 32)).astype(np.float32)
     cpu = Session(model_path, "cpu").run(x)
-    trt = Session(model_path, "tensorrt", trt_engine_cache=tmp_path / "trt", trt_max_batch=8)
+    trt = Session(model_path, "tensorrt", provider_config=ProviderConfig(trt_engine_cache=tmp_path / "trt", trt_max_batch=8))
     assert trt.provider == TENSORRT
     np.testing.assert_allclose(trt.run(x)["log_probs"], cpu["log_probs"], atol=1e-3)
     assert any(tmp_path.joinpath("trt").iterdir()), "no TensorRT engine was cached"

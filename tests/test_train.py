@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from stn_deploy.checkpoint import load_checkpoint
+from stn_deploy.train.checkpoint import load_checkpoint
 from stn_deploy.train.cli import main
 from stn_deploy.train.trainer import TrainConfig, lr_at, train
 
@@ -139,8 +139,8 @@ def test_visualize_flag_writes_the_warp_figure(tmp_path, shapes):
 
 def test_digits_checkpoint_visualization(tmp_path, monkeypatch):
     """The figure for a digits model: test images through the model's own transform()."""
-    from stn_deploy.checkpoint import Checkpoint, save_checkpoint
-    from stn_deploy.model import build_model
+    from stn_deploy.train.checkpoint import Checkpoint, save_checkpoint
+    from stn_deploy.train.model import build_model
     from stn_deploy.train import visualization
     from stn_deploy.train.data import load_dataset
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stn_deploy.cli import report_errors, to_json
+from stn_deploy.console import report_errors, to_json
 from stn_deploy.fileio import check_writable
 
 from .trainer import DEVICES, OPTIMIZERS, TrainConfig, TrainError, read_resume_state, train

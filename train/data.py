@@ -14,6 +14,7 @@ fixed, disjoint 20% of the base digits under fixed distortions.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from stn_deploy.errors import DatasetError, ImageError
-from stn_deploy.images import IMAGE_EXTENSIONS, open_image
+from stn_deploy.images import IMAGE_EXTENSIONS, decode, find_images, open_image
 from stn_deploy.preprocessing import Preprocessing
 
 DATASETS = ("digits", "cifar10", "mnist", "imagefolder:PATH")
+# Datasets a name alone identifies. A model file's metadata may name one of these for stn-export's
+# parity inputs, its int8 gate and stn-bench's inputs; an imagefolder:PATH or any path in a file
+# is never read on the file's say-so (only the user's own flags choose paths on the host).
+BUILTIN_DATASETS = ("digits", "cifar10", "mnist")
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIR = Path("data")
 
@@ -96,6 +101,71 @@ def load_samples(
     images = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in pairs])
     labels = torch.tensor([int(y) for _, y in pairs], dtype=torch.int64)
     return images, labels
+
+
+@dataclass
+class Samples:
+    """Preprocessed images [N, C, H, W] float32, labels [N] int64 or None, and where they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+
+def load_image_samples(
+    spec: str | os.PathLike[str],
+    preprocessing: Preprocessing,
+    *,
+    n: int = 512,
+    split: str = "train",
+    class_names: list[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> Samples:
+    """Up to ``n`` preprocessed images, with labels when known, from a dataset name (``digits``,
+    ``cifar10``, ``mnist``, ``imagefolder:PATH``; its ``split``) or an image directory: the one
+    loader behind int8 calibration and its accuracy gate, parity's dataset inputs and stn-bench's.
+
+    A directory is decoded with the model's own :class:`Preprocessing`; when its sub-folders are
+    named after ``class_names``, the images get those labels. Raises :class:`DatasetError`.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return _load_directory(path, preprocessing, n, class_names)
+    name = str(spec)
+    folder = name.startswith("imagefolder:")
+    if not folder and (os.sep in name or path.suffix):
+        raise DatasetError(f"{spec}: no such image directory (and not a dataset name)")
+    if name not in DATASETS and not folder:
+        raise DatasetError(f"{spec}: not a directory, nor a dataset name ({', '.join(DATASETS)})")
+    loaded = load_samples(name, n, split=split, data_dir=data_dir)
+    if loaded is None:
+        raise DatasetError(f"dataset '{name}': not available on this machine (split {split})")
+    images, labels = loaded
+    images = images.numpy().astype(np.float32)
+    if tuple(images.shape[1:]) != tuple(preprocessing.input_shape):
+        raise DatasetError(
+            f"dataset '{name}': samples are {list(images.shape[1:])}, the model takes {list(preprocessing.input_shape)}"
+        )
+    return Samples(images, labels.numpy().astype(np.int64), f"{name}:{split}")
+
+
+def _load_directory(root: Path, preprocessing: Preprocessing, n: int, class_names: list[str] | None) -> Samples:
+    files = find_images(root).files
+    index = {name: i for i, name in enumerate(class_names or [])}
+    labelled = bool(index) and all(f.relative_to(root).parts[0] in index for f in files if len(f.relative_to(root).parts) > 1)
+    labelled = labelled and all(len(f.relative_to(root).parts) > 1 for f in files)
+    if len(files) > n:  # an even spread over the (sorted) files, so every class folder contributes
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, n)]
+    arrays, labels = [], []
+    for f in files:
+        result = decode(f, preprocessing)
+        if result.ok:
+            arrays.append(preprocessing.normalize(result.array))
+            if labelled:
+                labels.append(index[f.relative_to(root).parts[0]])
+    if not arrays:
+        raise DatasetError(f"{root}: none of its {len(files)} image files could be decoded")
+    return Samples(np.stack(arrays).astype(np.float32), np.asarray(labels, np.int64) if labelled else None, str(root))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from stn_deploy.cli import report_errors
+from stn_deploy.console import report_errors
 from stn_deploy.fileio import atomic_path
 
 from .data import load_dataset

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, versions
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, versions
 from stn_deploy.errors import CheckpointError, StnDeployError
 from stn_deploy.fileio import check_writable
-from stn_deploy.model import STNClassifier, STNConfig, build_model
+from .model import STNClassifier, STNConfig, build_model
 
 from .data import LoadedDataset, load_dataset
 

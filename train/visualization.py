@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from stn_deploy.checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint
 from stn_deploy.errors import DatasetError
 from stn_deploy.visualize import save_warp_grid
 

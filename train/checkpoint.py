@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .errors import CheckpointError
-from .fileio import atomic_path
+from stn_deploy import __version__
+from stn_deploy.errors import CheckpointError
+from stn_deploy.fileio import atomic_path
 from .model import STNClassifier, STNConfig
-from .preprocessing import Preprocessing
+from stn_deploy.preprocessing import Preprocessing
 
 FORMAT = "stn-deploy-checkpoint"
 FORMAT_VERSION = 1

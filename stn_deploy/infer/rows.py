@@ -1,0 +1,165 @@
+"""stn-infer's output: one row per image file, as CSV or JSON Lines.
+
+:class:`Prediction` is one row (a classified file, or a file with its error);
+:func:`predictions_for` turns a decoded batch and the model's outputs into rows in the batch's
+file order; :class:`RowWriter` streams them to a text file that :func:`open_output` writes
+atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from stn_deploy import metadata as md
+from stn_deploy.errors import StnDeployError
+from stn_deploy.fileio import atomic_path
+from stn_deploy.images import DecodedBatch
+
+OUTPUT_FORMATS = ("csv", "jsonl")
+
+
+class OutputFormatError(StnDeployError):
+    """The output format cannot be told from the path (exit 2, a usage error)."""
+
+    exit_code = 2
+
+
+@dataclass
+class Prediction:
+    """One output row: a classified file, or a file with its error."""
+
+    path: str
+    label: str | None = None
+    index: int | None = None
+    confidence: float | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    theta: list[float] | None = None
+    log_probs: list[float] | None = None
+    error: str | None = None
+
+
+def predictions_for(
+    batch: DecodedBatch,
+    outputs: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    *,
+    top_k: int,
+    want_log_probs: bool = False,
+) -> list[Prediction]:
+    """Rows for one decoded batch, in the batch's file order."""
+    log_probs = outputs.get(md.LOG_PROBS)
+    theta = outputs.get(md.THETA)
+    k = min(top_k, len(class_names))
+    rows: list[Prediction] = []
+    if log_probs is not None and len(log_probs):
+        order = np.argsort(-log_probs, axis=1, kind="stable")[:, :k]
+        top_lp = np.take_along_axis(log_probs, order, axis=1).astype(np.float64)
+        top_p = np.exp(top_lp).tolist()
+        order_l = order.tolist()
+        theta_l = theta.reshape(len(theta), -1).tolist() if theta is not None else None
+        lp_l = log_probs.tolist() if want_log_probs else None
+    j = 0
+    for result in batch.results:
+        path = result.path.as_posix()  # as the user gave it: relative IMAGES give relative paths
+        if not result.ok:
+            rows.append(Prediction(path=path, error=result.error))
+            continue
+        idx = order_l[j]
+        rows.append(
+            Prediction(
+                path=path,
+                label=class_names[idx[0]],
+                index=idx[0],
+                confidence=top_p[j][0],
+                top_k=[(class_names[c], p) for c, p in zip(idx, top_p[j])],
+                theta=theta_l[j] if theta_l is not None else None,
+                log_probs=lp_l[j] if lp_l is not None else None,
+            )
+        )
+        j += 1
+    return rows
+
+
+
+class RowWriter:
+    """Streams predictions as CSV or JSON Lines to an open text file."""
+
+    def __init__(self, stream: IO[str], fmt: str, *, top_k: int, class_names: Sequence[str], theta: bool, log_probs: bool) -> None:
+        self.stream = stream
+        self.fmt = fmt
+        self.k = min(top_k, len(class_names))
+        self.theta = theta
+        self.log_probs = log_probs
+        self.class_names = list(class_names)
+        if fmt == "csv":
+            self._csv = csv.writer(stream, lineterminator="\n")
+            self._csv.writerow(self.columns())
+
+    def columns(self) -> list[str]:
+        cols = ["path", "label", "index", "confidence"]
+        for i in range(1, self.k + 1):
+            cols += [f"top{i}_label", f"top{i}_prob"]
+        if self.theta:
+            cols += [f"theta_{i}" for i in range(6)]
+        if self.log_probs:
+            cols += [f"log_prob_{name}" for name in self.class_names]
+        cols.append("error")
+        return cols
+
+    def write(self, rows: Sequence[Prediction]) -> None:
+        if self.fmt == "csv":
+            out = []
+            for r in rows:
+                line: list[Any] = [r.path, r.label or "", "" if r.index is None else r.index, "" if r.confidence is None else r.confidence]
+                for i in range(self.k):
+                    line += list(r.top_k[i]) if i < len(r.top_k) else ["", ""]
+                if self.theta:
+                    line += r.theta if r.theta is not None else [""] * 6
+                if self.log_probs:
+                    line += r.log_probs if r.log_probs is not None else [""] * len(self.class_names)
+                line.append(r.error or "")
+                out.append(line)
+            self._csv.writerows(out)
+        else:
+            for r in rows:
+                obj: dict[str, Any] = {"path": r.path, "label": r.label, "index": r.index, "confidence": r.confidence,
+                                       "top_k": [{"label": lab, "prob": p} for lab, p in r.top_k]}
+                if self.theta:
+                    obj["theta"] = r.theta
+                if self.log_probs:
+                    obj["log_probs"] = r.log_probs
+                obj["error"] = r.error
+                self.stream.write(json.dumps(obj) + "\n")
+
+
+@contextlib.contextmanager
+def open_output(output: str) -> Iterator[IO[str]]:
+    """``-`` is stdout; a path is written to a temporary file moved into place at the end."""
+    if output == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        yield f
+
+
+def output_format(output: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    if output == "-":
+        return "csv"
+    ext = Path(output).suffix.lower()
+    if ext == ".csv":
+        return "csv"
+    if ext in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise OutputFormatError(f"{output}: cannot tell the output format from the extension (use .csv or .jsonl, or --format)")
