@@ -56,9 +56,10 @@ def drop_unused_initializers(graph: ir.Graph) -> None:
 
 
 def forget_shapes(values: Iterable[ir.Value]) -> None:
-    """A rewrite changed these values' shapes: shape inference derives them again."""
+    """A rewrite changed these values' shapes: drop what the file said about them (no value_info
+    is written for them) and let shape inference derive them again."""
     for value in values:
-        value.shape = None
+        value.shape, value.type = None, None
 
 
 def static_chw(model: ir.Model) -> dict[str, tuple[int, int, int]]:

@@ -209,7 +209,13 @@ def test_session_options_are_applied(model_path):
     assert opts.intra_op_num_threads == 1
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert session.warmup(2, batch=2) > 0
+    seen: list[tuple[int, ...]] = []
+    real_run = session._session.run
+    session._session = type("Spy", (), {"run": lambda _, names, feeds: seen.append(feeds["image"].shape)
+                                        or real_run(names, feeds)})()
+    assert session.warmup(2, batch=3) > 0
+    assert seen == [(3, 3, 32, 32)] * 2  # two runs of a batch of three
+    assert session.warmup(0) == 0.0 and len(seen) == 2
     with pytest.raises(ProviderError, match="graph_optimization must be one of"):
         Session(model_path, "cpu", graph_optimization="max")
 

@@ -138,14 +138,6 @@ def make_optimizer(model: STNClassifier, name: str, lr: float, loc_lr_scale: flo
     raise TrainError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
-def smoothed_nll_loss(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy against labels smoothed toward uniform: (1-ε)·NLL + ε·mean(−log p)."""
-    nll = F.nll_loss(log_probs, labels)
-    if smoothing <= 0:
-        return nll
-    return (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1).mean()
-
-
 @torch.no_grad()
 def evaluate(model: STNClassifier, loader: DataLoader, device: torch.device) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` over ``loader``."""
@@ -255,7 +247,10 @@ def train(
                 group["lr"] = lr * group["lr_scale"]
             images, labels = images.to(device), labels.to(device)
 
-            loss = smoothed_nll_loss(model(images), labels, config.label_smoothing)
+            # The model outputs log-probabilities; cross_entropy applies log_softmax to them again,
+            # which changes nothing (log_softmax is idempotent: its output's logsumexp is 0), so this
+            # is (1-ε)·NLL + ε·mean(−log p) with the smoothing PyTorch implements and tests.
+            loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad > 0:
