@@ -8,9 +8,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from stn_deploy import metadata as md
 from stn_deploy.console import report_errors, to_json
 from stn_deploy.errors import ExportCheckError
 from stn_deploy.fileio import check_writable
+from .next_steps import format_next_steps, next_steps
 from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
 from .targets import TARGETS
 
@@ -70,10 +72,12 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 @click.option("--with-theta", is_flag=True, help="Add the output 'theta' [N, 2, 3] (the affine transform).")
 @click.option("--with-warped", is_flag=True, help="Add the output 'warped' [N, C, H, W] (the transformed image).")
 @click.option(
-    "--optimize",
-    is_flag=True,
-    help="Apply exact graph rewrites (ReLU before MaxPool, affine grid as one MatMul, unread conv "
-    "rows cropped) and ONNX Runtime's offline BASIC optimization, then re-check every check on it.",
+    "--optimize/--no-optimize",
+    default=True,
+    show_default=True,
+    help="Apply exact graph rewrites (ReLU before MaxPool, affine grid as one MatMul, unread conv rows cropped) "
+    "and ONNX Runtime's offline BASIC optimization, then run every check again on the file that is written. "
+    "A rewrite that does not fit the graph is skipped with the reason.",
 )
 @click.option(
     "--parity-samples",
@@ -91,9 +95,12 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 )
 @click.option("--image-size", default=None, help=".pt2 only: input size H,W (default: the archive's input shape).")
 @click.option(
-    "--mean", default=None, help=".pt2 only: per-channel normalization mean, e.g. 0.485,0.456,0.406 (default 0.5)."
+    "--mean",
+    default=None,
+    help=".pt2 only: normalization mean, one value for every channel (0.1307) or one per channel "
+    "(0.485,0.456,0.406); default 0.5.",
 )
-@click.option("--std", default=None, help=".pt2 only: per-channel normalization std (default 0.5).")
+@click.option("--std", default=None, help=".pt2 only: normalization std, one value or one per channel (default 0.5).")
 @click.option(
     "--channels",
     type=click.Choice(["RGB", "L"], case_sensitive=False),
@@ -223,8 +230,15 @@ def main(
             report.output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
             max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
         )
+    int8 = variants.get("int8", {})
+    steps = next_steps(
+        report.output, target=report.target, dataset=report.metadata.get(md.DATASET, ""),
+        int8_written=Path(int8["output"]) if int8.get("written") else None,
+    )
     if as_json:
-        click.echo(to_json({**report.to_dict(), **variants}))
+        click.echo(to_json({**report.to_dict(), **variants, "next_steps": steps}))
+    else:
+        click.echo(format_next_steps(steps), err=True)
 
 
 def _derive_from_onnx(

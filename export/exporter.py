@@ -57,7 +57,7 @@ def export_model(
     opset: int | None = None,
     with_theta: bool = False,
     with_warped: bool = False,
-    optimize: bool = False,
+    optimize: bool = True,
     parity_samples: int = 256,
     preprocessing: Preprocessing | dict | None = None,
     class_names: list[str] | None = None,
@@ -65,6 +65,10 @@ def export_model(
     progress: bool = True,
 ) -> ExportReport:
     """Export ``source`` (.pt checkpoint or .pt2 archive) to ``output`` and prove the file.
+
+    ``optimize`` (the default) applies the exact rewrites and ONNX Runtime's offline BASIC level
+    and runs every check again on the file that is written; rewrites that do not fit the graph are
+    skipped with the reason (the ``optimize`` check's message).
 
     Returns the :class:`ExportReport`; raises :class:`ExportCheckError` (nothing written) when
     a check fails, and another :class:`StnDeployError` for a bad source or bad options.
@@ -112,9 +116,9 @@ def export_model(
         _raise_on_failure(report)
         if optimize:
             before = op_counts(model)
-            rewrites = _optimize(tmp, model)
+            rewrites, skipped = _optimize(tmp, model)
             model = onnx.load(str(tmp))
-            report.checks.append(_optimization_summary(before, op_counts(model), rewrites))
+            report.checks.append(_optimization_summary(before, op_counts(model), rewrites, skipped))
             report.optimized_parity = _verify(
                 tmp, model, tgt, input_spec, output_specs, theta_head, parity_kwargs, report.checks, "optimized_"
             )
@@ -297,7 +301,7 @@ def _raise_on_failure(report: ExportReport) -> None:
             raise error
 
 
-def _optimize(path: Path, model: onnx.ModelProto) -> dict[str, int]:
+def _optimize(path: Path, model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]]:
     """Rewrite ``path`` in place: the exact graph rewrites, then ONNX Runtime's offline BASIC level.
 
     The rewrites (:func:`.graph_rewrites.rewrite_exact`: ReLU before MaxPool so Conv+ReLU fuse,
@@ -312,9 +316,9 @@ def _optimize(path: Path, model: onnx.ModelProto) -> dict[str, int]:
     ONNX Runtime applies them anyway when it loads the model. So BASIC is the level whose
     result stays a portable file for every target.
 
-    Returns the number of places each exact rewrite changed.
+    Returns the number of places each exact rewrite changed, and why the others changed nothing.
     """
-    rewritten, rewrites = rewrite_exact(model)
+    rewritten, rewrites, skipped = rewrite_exact(model)
     onnx.save(rewritten, str(path))
 
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".opt.tmp", dir=path.parent)
@@ -330,10 +334,12 @@ def _optimize(path: Path, model: onnx.ModelProto) -> dict[str, int]:
         onnx.save(result, str(path))
     finally:
         optimized.unlink(missing_ok=True)
-    return rewrites
+    return rewrites, skipped
 
 
-def _optimization_summary(before: dict[str, int], after: dict[str, int], rewrites: dict[str, int]) -> CheckResult:
+def _optimization_summary(
+    before: dict[str, int], after: dict[str, int], rewrites: dict[str, int], skipped: dict[str, str]
+) -> CheckResult:
     """What the offline optimization changed (informational: it passes; the checks after it judge)."""
     changed = {
         op: (before.get(op, 0), after.get(op, 0))
@@ -347,4 +353,7 @@ def _optimization_summary(before: dict[str, int], after: dict[str, int], rewrite
         what = "no operator changed"
     applied = ", ".join(f"{name} x{n}" for name, n in rewrites.items() if n) or "none applied"
     message = f"exact rewrites: {applied}; then ONNX Runtime BASIC: {n_before} -> {n_after} nodes; {what}"
-    return CheckResult("optimize", True, message, {"before": before, "after": after, "rewrites": rewrites})
+    if skipped:
+        message += "; skipped: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
+    details = {"before": before, "after": after, "rewrites": rewrites, "skipped": skipped}
+    return CheckResult("optimize", True, message, details)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -54,20 +55,44 @@ from .graph import add_initializer, constant, drop_unused_initializers, forget_s
 
 @dataclass(frozen=True)
 class Rule:
-    """A named rewrite: ``apply(model)`` edits the onnx_ir model and returns the places it changed."""
+    """A named rewrite: ``apply(model)`` edits the onnx_ir model and returns the places it changed;
+    ``pattern`` says what it looks for (the reason given when a graph has none)."""
 
     name: str
     apply: Callable[[ir.Model], int]
+    pattern: str = ""
 
 
-def apply_rules(model: onnx.ModelProto, rules: Sequence[Rule]) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The model with ``rules`` applied in order, and ``{rule name: places changed}``."""
-    graph_model = to_ir(model)
-    counts = {rule.name: rule.apply(graph_model) for rule in rules}
-    return to_proto(graph_model), counts
+class Rewritten(NamedTuple):
+    model: onnx.ModelProto
+    counts: dict[str, int]  # rule name -> places changed
+    skipped: dict[str, str]  # rule name -> why it changed nothing
 
 
-def rewrite_exact(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+def apply_rules(model: onnx.ModelProto, rules: Sequence[Rule]) -> Rewritten:
+    """The model with ``rules`` applied in order, the places each changed, and why others changed nothing.
+
+    A rule that fails on a graph it was not written for (a user's own ``.pt2`` model, say) is
+    skipped with the error as its reason; the graph goes on to the next rule as it was before.
+    """
+    counts: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for rule in rules:
+        graph_model = to_ir(model)
+        try:
+            counts[rule.name] = rule.apply(graph_model)
+        except Exception as exc:  # noqa: BLE001 - an unexpected graph skips the rule, not the export
+            counts[rule.name] = 0
+            skipped[rule.name] = f"failed on this graph ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            continue
+        if counts[rule.name]:
+            model = to_proto(graph_model)
+        else:
+            skipped[rule.name] = f"no {rule.pattern} in this graph" if rule.pattern else "nothing to rewrite"
+    return Rewritten(model, counts, skipped)
+
+
+def rewrite_exact(model: onnx.ModelProto) -> Rewritten:
     """Every exact rule (:data:`EXACT_RULES`) in order."""
     return apply_rules(model, EXACT_RULES)
 
@@ -286,10 +311,11 @@ def _crop_through_pool(model: ir.Model) -> int:
 
 
 EXACT_RULES = (
-    Rule("relu_before_maxpool", _relu_before_maxpool),
-    Rule("affine_grid_as_matmul", _affine_grid_as_matmul),
-    Rule("crop_unpooled_conv_input", _crop_unpooled_conv_input),
-    Rule("crop_through_pool", _crop_through_pool),
+    Rule("relu_before_maxpool", _relu_before_maxpool, "Relu after a MaxPool that nothing else reads"),
+    Rule("affine_grid_as_matmul", _affine_grid_as_matmul, "affine grid as ReduceSum(Mul(base grid, Unsqueeze(θᵀ)))"),
+    Rule("crop_unpooled_conv_input", _crop_unpooled_conv_input,
+         "plain Conv whose floor-mode MaxPool leaves rows unread"),
+    Rule("crop_through_pool", _crop_through_pool, "origin-anchored Slice of a pooled plain Conv's output"),
 )
 
 
@@ -326,7 +352,7 @@ def pad_conv_input_channels(multiple: int = 4, nodes: set[str] | None = None) ->
             graph.sort()
         return count
 
-    return Rule("pad_conv_input_channels", apply)
+    return Rule("pad_conv_input_channels", apply, f"group-1 Conv whose input channels are not a multiple of {multiple}")
 
 
 def unfold_conv_rows(max_input_channels: int = 4, multiple: int = 4) -> Rule:
@@ -386,4 +412,4 @@ def unfold_conv_rows(max_input_channels: int = 4, multiple: int = 4) -> Rule:
             graph.sort()
         return count
 
-    return Rule("unfold_conv_rows", apply)
+    return Rule("unfold_conv_rows", apply, f"plain Conv with at most {max_input_channels} input channels")

@@ -221,6 +221,9 @@ def _load_archive(
             raise ExportOptionError(f"{path}: {c}-channel input; stn-export handles 1 (L) or 3 (RGB) channels")
         fields = {"image_size": (h, w), "mean": (0.5,) * c, "std": (0.5,) * c, "channel_order": order}
         fields.update(preprocessing or {})
+        for key in ("mean", "std"):  # one value stands for every channel (--mean 0.1307)
+            if isinstance(fields[key], (tuple, list)) and len(fields[key]) == 1:
+                fields[key] = tuple(fields[key]) * c
         try:
             preprocessing = Preprocessing(**fields)
         except (TypeError, ValueError) as exc:

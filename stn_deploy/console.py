@@ -39,6 +39,29 @@ def report_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class StreamsType(click.ParamType):
+    """``--streams``: ``auto`` or a positive number of concurrent inference streams."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | int:
+        if isinstance(value, int) and value >= 1:
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"expected 'auto' or a positive number, got {value!r}", param, ctx)
+        return number
+
+
+STREAMS = StreamsType()
+
+
 def to_json(obj: Any) -> str:
     """Pretty, stable JSON for reports (numpy scalars and paths included)."""
     return json.dumps(obj, indent=2, sort_keys=False, default=_json_default)

@@ -291,3 +291,12 @@ def test_inputs_auto_falls_back_to_random_without_torch(exported, monkeypatch):
         monkeypatch.setattr(builtins, "__import__", no_train)
         images, source = make_inputs(session, 4, "auto")
     assert images.shape == (4, 3, 32, 32) and source == "random"
+
+
+def test_streams_auto_rows_say_what_ran_at_each_batch_size(exported):
+    _, onnx_path = exported
+    args = ["--model", str(onnx_path), "--batch-sizes", "1,64", "--threads", "2", "--iterations", "1",
+            "--inputs", "random", "--settle-ms", "0", "-q", "--json", "--backends", "ort-cpu-fp32"]
+    report = json.loads(CliRunner().invoke(main, args).stdout)
+    assert report["streams"] == "auto"
+    assert {r["batch_size"]: r["streams"] for r in report["results"] if r["backend"] == "ort-cpu-fp32"} == {1: 1, 64: 2}

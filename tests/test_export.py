@@ -30,6 +30,8 @@ from stn_deploy.export.parity import THETA_PROBES
 pytestmark = pytest.mark.slow
 
 CHECK_NAMES = ["onnx_checker", "shape_inference", "signature", "target_form", "batch_sizes", "parity"]
+# The default export is optimized: the raw export's checks, the optimization, and every check again.
+DEFAULT_CHECKS = [*CHECK_NAMES, "optimize", *("optimized_" + n for n in CHECK_NAMES)]
 
 
 def _export(src, out, **kw):
@@ -57,9 +59,11 @@ def _nodes(path: Path) -> list[onnx.NodeProto]:
 @pytest.mark.parametrize("target", ["ort", "cuda", "portable"])
 def test_every_target_passes_every_check_on_extreme_theta(target_exports, target):
     report = target_exports[target]
-    assert report.passed
-    assert [c.name for c in report.checks] == CHECK_NAMES
+    assert report.passed and report.optimized
+    assert [c.name for c in report.checks] == DEFAULT_CHECKS
     assert report.output.is_file()
+    for stats in (report.parity, report.optimized_parity):  # the written file is the optimized one
+        assert stats.max_abs_diff <= 1e-4 and stats.top1_agreement == 1.0
     stats = report.parity
     assert stats.n_inputs == 128
     assert stats.max_abs_diff <= 1e-4 and stats.top1_agreement == 1.0
@@ -145,7 +149,7 @@ def test_cli_json_report_and_dataset_samples(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] and report["output"] == str(tmp_path / "digits.onnx")
-    assert [c["name"] for c in report["checks"]] == CHECK_NAMES
+    assert [c["name"] for c in report["checks"]] == DEFAULT_CHECKS
     parity = report["parity"]
     assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
     from stn_deploy.train.data import load_samples
@@ -424,3 +428,114 @@ def test_theta_head_is_found_in_a_core_aten_program(archive_path):
     assert any("addmm" in str(n.target) for n in decomposed.graph.nodes)
     head = find_theta_head(decomposed)
     assert head is not None and head == find_theta_head(program)
+
+
+# -- the default export: optimized, on users' own archives --------------------------------------
+class TutorialSTN(nn.Module):
+    """The PyTorch STN tutorial's MNIST network (1×28×28), as a user would save it as .pt2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 10, 5), nn.Conv2d(10, 20, 5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1, self.fc2 = nn.Linear(320, 50), nn.Linear(50, 10)
+        self.localization = nn.Sequential(
+            nn.Conv2d(1, 8, 7), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+            nn.Conv2d(8, 10, 5), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+        )
+        self.fc_loc = nn.Sequential(nn.Linear(10 * 3 * 3, 32), nn.ReLU(True), nn.Linear(32, 3 * 2))
+        with torch.no_grad():
+            self.fc_loc[2].weight.normal_(0, 0.05)
+            self.fc_loc[2].bias.copy_(torch.tensor([1, 0, 0, 0, 1, 0], dtype=torch.float))
+
+    def stn(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self.fc_loc(self.localization(x).view(-1, 10 * 3 * 3)).view(-1, 2, 3)
+        return F.grid_sample(x, F.affine_grid(theta, x.size(), align_corners=False), align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stn(x)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = F.relu(self.fc1(x.view(-1, 320)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class ZoomReader(nn.Module):
+    """A sampler whose output (16×16) is smaller than its input (24×24): the classifier sees a crop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 6))
+        self.what = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 7 * 7, 4))
+        with torch.no_grad():
+            self.where[-1].weight.mul_(0.1)
+            self.where[-1].bias.copy_(torch.tensor([0.6, 0, 0.1, 0, 0.6, -0.1]))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        theta = self.where(img).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [img.shape[0], 3, 16, 16], align_corners=False)
+        return F.log_softmax(self.what(F.grid_sample(img, grid, align_corners=False)), dim=1)
+
+
+def _save_pt2(model: nn.Module, shape, path: Path) -> Path:
+    torch.manual_seed(0)
+    program = torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["ort", "cuda", "portable"])
+@pytest.mark.parametrize("kind", ["tutorial 1x28x28", "sampler output smaller than input"])
+def test_users_archives_pass_every_check_with_the_default_optimized_export(kind, target, tmp_path):
+    torch.manual_seed(7)
+    model, shape = (TutorialSTN(), (1, 28, 28)) if kind.startswith("tutorial") else (ZoomReader(), (3, 24, 24))
+    archive = _save_pt2(model, shape, tmp_path / "user.pt2")
+    report = _export(archive, tmp_path / "user.onnx", target=target, parity_samples=16)
+    assert report.passed and report.optimized
+    assert [c.name for c in report.checks] == DEFAULT_CHECKS
+    for stats in (report.parity, report.optimized_parity):
+        assert stats.max_abs_diff <= 1e-4 and stats.top1_agreement == 1.0
+        assert stats.inputs_by_kind.get("extreme_theta", 0) > 0  # θ head found in the user's graph
+    optimize = report.check("optimize")
+    if kind.startswith("tutorial"):  # the reference-style graph gets every rewrite
+        assert optimize.details["rewrites"]["relu_before_maxpool"] >= 2, optimize.message
+
+
+def test_a_rewrite_that_does_not_fit_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """A rule that breaks on a user's graph is skipped, named, and the export still succeeds."""
+    from stn_deploy.export import graph_rewrites
+
+    def broken(model):
+        raise ValueError("an unexpected graph")
+
+    rules = (graph_rewrites.Rule("affine_grid_as_matmul", broken, "affine grid"), *graph_rewrites.EXACT_RULES[2:])
+    monkeypatch.setattr(graph_rewrites, "EXACT_RULES", rules)
+    archive = _save_pt2(ZoomReader(), (3, 24, 24), tmp_path / "zoom.pt2")
+    report = _export(archive, tmp_path / "zoom.onnx", parity_samples=8)
+    optimize = report.check("optimize")
+    assert report.passed and "skipped: affine_grid_as_matmul (failed on this graph (ValueError: an unexpected graph))" in optimize.message
+    assert optimize.details["skipped"]["affine_grid_as_matmul"].startswith("failed on this graph")
+
+
+def test_one_mean_and_std_value_stands_for_every_channel(tmp_path):
+    archive = _save_pt2(ZoomReader(), (3, 24, 24), tmp_path / "zoom.pt2")
+    result = CliRunner().invoke(stn_export, [str(archive), "-o", str(tmp_path / "z.onnx"), "--mean", "0.45", "--std", "0.2",
+                                             "--no-optimize", "--parity-samples", "4", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    meta = md.ModelMetadata.from_props(json.loads(result.stdout)["metadata"])
+    assert meta.preprocessing.mean == (0.45,) * 3 and meta.preprocessing.std == (0.2,) * 3
+    two = CliRunner().invoke(stn_export, [str(archive), "-o", str(tmp_path / "y.onnx"), "--mean", "0.4,0.5", "-q"])
+    assert_cli_error(two, 1, "mean/std need 3 values")
+
+
+def test_the_export_ends_with_what_to_run_next_and_the_measured_int8_speedup(checkpoint_path, tmp_path):
+    out = tmp_path / "next.onnx"
+    result = CliRunner().invoke(stn_export, [str(checkpoint_path), "-o", str(out), "--parity-samples", "8", "-q"])
+    assert result.exit_code == 0, result.output
+    assert f"stn-infer IMAGES_DIR --model {out}" in result.stderr
+    assert f"stn-export {out} --quantize int8 --calibration CALIBRATION_IMAGES_DIR" in result.stderr
+    assert "int8 ran " in result.stderr and "x as fast as fp32 here" in result.stderr
+    js = CliRunner().invoke(stn_export, [str(checkpoint_path), "-o", str(out), "--parity-samples", "8", "-q", "--json",
+                                         "--target", "cuda"])
+    steps = json.loads(js.stdout)["next_steps"]
+    assert "--provider cuda" in steps["infer"] and "--precision fp16" in steps["fp16"] and "int8_speedup" not in steps

@@ -71,7 +71,7 @@ X10 = {"x": RNG.standard_normal((1, 2, 10, 10)).astype(np.float32)}
 # -- relu_before_maxpool ----------------------------------------------------------------------------
 def test_relu_moves_before_the_maxpool_and_the_outputs_stay():
     model = _conv_pool()
-    after, counts = apply_rules(model, [RULES["relu_before_maxpool"]])
+    after, counts, _ = apply_rules(model, [RULES["relu_before_maxpool"]])
     assert counts == {"relu_before_maxpool": 1}
     assert [n.op_type for n in after.graph.node] == ["Conv", "Relu", "MaxPool"]
     assert after.graph.output[0].name == "y"  # the graph output keeps its name
@@ -80,7 +80,7 @@ def test_relu_moves_before_the_maxpool_and_the_outputs_stay():
 
 def test_relu_stays_after_a_maxpool_whose_output_is_shared():
     model = _conv_pool(extra_reader=True)
-    after, counts = apply_rules(model, [RULES["relu_before_maxpool"]])
+    after, counts, _ = apply_rules(model, [RULES["relu_before_maxpool"]])
     assert counts == {"relu_before_maxpool": 0}
     assert [n.op_type for n in after.graph.node] == ["Conv", "MaxPool", "Relu", "Sigmoid"]
 
@@ -100,7 +100,7 @@ def _affine_grid(keepdims=0, axes=(-2,)):
 
 def test_the_affine_grid_becomes_one_matmul_with_the_same_values():
     model = _affine_grid()
-    after, counts = apply_rules(model, [RULES["affine_grid_as_matmul"]])
+    after, counts, _ = apply_rules(model, [RULES["affine_grid_as_matmul"]])
     assert counts == {"affine_grid_as_matmul": 1}
     assert op_counts(after) == {"MatMul": 1}
     assert {t.name for t in after.graph.initializer} == {"base_matrix"}  # the unused constants are dropped
@@ -110,14 +110,14 @@ def test_the_affine_grid_becomes_one_matmul_with_the_same_values():
 @pytest.mark.parametrize("variant", [{"keepdims": 1}, {"axes": (-1,)}])
 def test_a_reduction_that_is_not_the_grid_dot_product_is_left_alone(variant):
     model = _affine_grid(**variant)
-    after, counts = apply_rules(model, [RULES["affine_grid_as_matmul"]])
+    after, counts, _ = apply_rules(model, [RULES["affine_grid_as_matmul"]])
     assert counts == {"affine_grid_as_matmul": 0} and op_counts(after) == op_counts(model)
 
 
 # -- crop_unpooled_conv_input -----------------------------------------------------------------------
 def test_a_conv_computes_only_the_rows_its_floor_mode_pool_reads():
     model = _conv_pool(kernel=2)  # 10x10 → conv 9x9 → pool reads 8x8
-    after, counts = apply_rules(model, [RULES["crop_unpooled_conv_input"]])
+    after, counts, _ = apply_rules(model, [RULES["crop_unpooled_conv_input"]])
     assert counts == {"crop_unpooled_conv_input": 1}
     crop = next(n for n in after.graph.node if n.op_type == "Slice")
     ends = nh.to_array(next(t for t in after.graph.initializer if t.name == crop.input[2]))
@@ -137,7 +137,7 @@ def test_a_conv_computes_only_the_rows_its_floor_mode_pool_reads():
 )
 def test_no_crop_where_the_pool_reads_every_row_or_the_conv_is_not_plain(why, options):
     model = _conv_pool(**options)
-    after, counts = apply_rules(model, [RULES["crop_unpooled_conv_input"]])
+    after, counts, _ = apply_rules(model, [RULES["crop_unpooled_conv_input"]])
     assert counts == {"crop_unpooled_conv_input": 0}, why
     assert "Slice" not in op_counts(after)
 
@@ -165,14 +165,14 @@ X12 = {"x": RNG.standard_normal((1, 2, 12, 12)).astype(np.float32)}
 
 def test_a_slice_after_the_pool_moves_to_the_conv_input():
     model = _pool_then_slice()  # 12x12 → conv 10x10 → pool 5x5 → slice 4x4
-    after, counts = apply_rules(model, [RULES["crop_through_pool"]])
+    after, counts, _ = apply_rules(model, [RULES["crop_through_pool"]])
     assert counts == {"crop_through_pool": 1}
     assert [n.op_type for n in after.graph.node] == ["Slice", "Conv", "Relu", "MaxPool", "Sigmoid"]
     _same_outputs(model, after, X12)
 
 
 def test_the_slice_stays_when_the_pooled_output_has_other_readers():
-    after, counts = apply_rules(_pool_then_slice(shared=True), [RULES["crop_through_pool"]])
+    after, counts, _ = apply_rules(_pool_then_slice(shared=True), [RULES["crop_through_pool"]])
     assert counts == {"crop_through_pool": 0}
     assert [n.name for n in after.graph.node if n.op_type == "Slice"] == ["crop"]
 
@@ -182,12 +182,12 @@ def test_unfolded_and_padded_rgb_convs_keep_their_outputs():
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="rgb", kernel_shape=[5, 5])]
     model = _model(nodes, [_tensor("x", [1, 3, 12, 12])], [_tensor("y", None)], [_weight("w", [4, 3, 5, 5])])
     feeds = {"x": RNG.standard_normal((1, 3, 12, 12)).astype(np.float32)}
-    unfolded, counts = apply_rules(model, [unfold_conv_rows()])
+    unfolded, counts, _ = apply_rules(model, [unfold_conv_rows()])
     assert counts == {"unfold_conv_rows": 1}
     weight = next(t for t in unfolded.graph.initializer if t.name.endswith("rows_unfolded"))
     assert list(weight.dims) == [4, 16, 1, 5]  # 3 channels x 5 rows + 1 zero-weight channel
     _same_outputs(model, unfolded, feeds)
-    padded, counts = apply_rules(model, [pad_conv_input_channels()])
+    padded, counts, _ = apply_rules(model, [pad_conv_input_channels()])
     assert counts == {"pad_conv_input_channels": 1} and "Pad" in op_counts(padded)
     _same_outputs(model, padded, feeds)
     grouped = _model([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], group=3)],

@@ -100,6 +100,20 @@ def test_csv_output_columns_and_stdout_default(tmp_path, model_path):
     assert streamed.exit_code == 0
     assert [(r["path"], r["label"], r["top1_prob"]) for r in csv.DictReader(streamed.stdout.splitlines())] == [
         (r["path"], r["label"], r["top1_prob"]) for r in rows]
+    assert "2 streams" in streamed.stderr
+
+
+def test_streams_auto_is_reported_in_the_summary_line_and_the_json(tmp_path, model_path):
+    """--streams auto (the default): 2 threads and batches of 64 run on 2 streams; batches of 8 on 1."""
+    images = tmp_path / "images"
+    _write_images(images, n_png=3, n_jpg=2)
+    big = _invoke(images, "--model", model_path, "--threads", "2", "-o", tmp_path / "a.csv", "--json")
+    assert big.exit_code == 0, big.output
+    assert "CPUExecutionProvider, 2 streams)" in big.stderr and json.loads(big.stdout)["streams"] == 2
+    small = _invoke(images, "--model", model_path, "--threads", "2", "-b", "8", "-o", tmp_path / "b.csv", "--json")
+    assert "CPUExecutionProvider, 1 stream)" in small.stderr and json.loads(small.stdout)["streams"] == 1
+    explicit = _invoke(images, "--model", model_path, "--threads", "2", "-b", "8", "--streams", "2", "-o", tmp_path / "c.csv")
+    assert "2 streams)" in explicit.stderr  # an explicit number wins
 
 
 def test_bad_files_get_error_rows_and_exit_3(tmp_path, model_path):

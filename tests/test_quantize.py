@@ -54,7 +54,7 @@ def _fp32_labels(path, images):
 
 
 def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
-    model, counts = rewrite_exact(onnx.load(str(small_onnx)))
+    model, counts, _ = rewrite_exact(onnx.load(str(small_onnx)))
     assert counts == {"relu_before_maxpool": 4, "affine_grid_as_matmul": 1, "crop_unpooled_conv_input": 1,
                       "crop_through_pool": 1}
     onnx.checker.check_model(model, full_check=True)
@@ -66,7 +66,7 @@ def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
 
 
 def test_unfold_conv_rows_keeps_outputs_and_makes_channels_a_multiple_of_4(small_onnx, tmp_path):
-    model, counts = apply_rules(onnx.load(str(small_onnx)), [*EXACT_RULES, unfold_conv_rows()])
+    model, counts, _ = apply_rules(onnx.load(str(small_onnx)), [*EXACT_RULES, unfold_conv_rows()])
     assert counts["unfold_conv_rows"] == 2  # the localization net's and the classifier's RGB convs
     onnx.checker.check_model(model, full_check=True)
     inits = {t.name: t for t in model.graph.initializer}
@@ -83,7 +83,7 @@ def test_pad_conv_input_channels_keeps_outputs(small_onnx, tmp_path):
     """The channel-padding alternative of INT8.md's comparison: zero channels, same outputs."""
     from stn_deploy.export.graph_rewrites import pad_conv_input_channels
 
-    model, counts = apply_rules(onnx.load(str(small_onnx)), [pad_conv_input_channels()])
+    model, counts, _ = apply_rules(onnx.load(str(small_onnx)), [pad_conv_input_channels()])
     assert counts == {"pad_conv_input_channels": 2}  # both RGB convs
     onnx.checker.check_model(model, full_check=True)
     inits = {t.name: t for t in model.graph.initializer}
@@ -122,7 +122,7 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     assert [n.op_type for n in model.graph.node if md.INPUT in n.input].count("QuantizeLinear") == 1
     assert sampler.input[0] == md.INPUT and report.rewrites["float_readers_of_quantized_inputs"] == 1
     # the nodes kept out of quantization are the θ path of the graph that was quantized (rewritten fp32)
-    rewritten, _ = apply_rules(onnx.load(str(small_onnx)), [*EXACT_RULES, unfold_conv_rows()])
+    rewritten, _, _ = apply_rules(onnx.load(str(small_onnx)), [*EXACT_RULES, unfold_conv_rows()])
     assert report.excluded_nodes and set(report.excluded_nodes) == set(theta_path_nodes(to_ir(rewritten).graph))
     kept_fp32 = {n.name: n for n in model.graph.node if n.name in report.excluded_nodes}
     assert set(kept_fp32) == set(report.excluded_nodes)

@@ -20,6 +20,7 @@ from stn_deploy.runtime import (
     CPU,
     CUDA,
     STREAM_CHUNK,
+    STREAMS_MIN_BATCH,
     TENSORRT,
     NodePlacement,
     PlacementReport,
@@ -363,3 +364,28 @@ def test_tensorrt_session_matches_cpu(model_path, tmp_path):
     assert trt.provider == TENSORRT
     np.testing.assert_allclose(trt.run(x)["log_probs"], cpu["log_probs"], atol=1e-3)
     assert any(tmp_path.joinpath("trt").iterdir()), "no TensorRT engine was cached"
+
+
+def test_streams_auto_cuts_only_large_cpu_batches_and_gives_the_same_outputs(model_path):
+    auto = Session(model_path, "cpu", threads=2)  # streams="auto" is the default
+    one = Session(model_path, "cpu", threads=2, streams=1)
+    assert auto.requested_streams == "auto" and auto.streams == 2
+    assert [auto.streams_for(n) for n in (1, 8, STREAMS_MIN_BATCH - 1, STREAMS_MIN_BATCH, 256)] == [1, 1, 1, 2, 2]
+    assert auto.session_options.intra_op_num_threads == 2  # small batches keep both threads in one stream
+    x = np.random.default_rng(5).standard_normal((STREAMS_MIN_BATCH + 3, 3, 32, 32), dtype=np.float32)
+    for n in (1, len(x)):
+        np.testing.assert_allclose(auto.run(x[:n])["log_probs"], one.run(x[:n])["log_probs"], rtol=0, atol=1e-5)
+    assert Session(model_path, "cpu", threads=1).streams == 1  # one thread: nothing to share out
+    auto.close()
+    one.close()
+
+
+def test_a_closed_session_refuses_to_run_and_closes_once(model_path):
+    with Session(model_path, "cpu", threads=2, streams=2) as session:
+        session.run(np.zeros((40, 3, 32, 32), np.float32))
+        pool = session._stream_pool
+        assert pool is not None
+    assert session._stream_pool is None and pool._shutdown
+    session.close()  # idempotent
+    with pytest.raises(ProviderError, match="session is closed"):
+        session.run(np.zeros((1, 3, 32, 32), np.float32))

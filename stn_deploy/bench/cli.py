@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from stn_deploy import metadata as md
-from stn_deploy.console import report_errors, to_json
+from stn_deploy.console import STREAMS, report_errors, to_json
 from stn_deploy.errors import ModelFileError, StnDeployError
 from stn_deploy.runtime import Session
 
@@ -44,7 +44,7 @@ def plan_backends(
     *,
     openvino_int8_model: Path | None = None,
     max_batch: int = max(DEFAULT_BATCH_SIZES),
-    streams: int = 1,
+    streams: int | str = "auto",
 ) -> list[Backend]:
     """The runners to try, filtered by ``--backends`` (PyTorch eager on the CPU always stays: it is
     the baseline of every ratio). Two rows that would carry one name (say an int8 file given as
@@ -81,10 +81,11 @@ def plan_backends(
               help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Intra-op threads for every CPU backend.")
-@click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Also run each ONNX Runtime CPU and OpenVINO row with the batch cut into this many concurrent "
-                   "streams of threads/streams threads (rows named <backend>-<N>streams): the same cores, arranged "
-                   "for throughput.")
+@click.option("--streams", type=STREAMS, default="auto", show_default=True,
+              help="auto: ONNX Runtime CPU rows choose streams per batch size as stn-infer does (one stream per "
+                   "thread from batch 32 on; the results' 'streams' field says what ran). A number N > 1: every ONNX "
+                   "Runtime CPU and OpenVINO row also runs with the batch cut into N concurrent streams of "
+                   "threads/N threads (rows named <backend>-<N>streams); 1: one stream only.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Untimed calls per backend and batch size.")
 @click.option("--iterations", type=click.IntRange(min=1), default=30, show_default=True,
@@ -108,7 +109,7 @@ def plan_backends(
 def main(
     model: Path, checkpoint: Path | None, int8_model: Path | None, openvino_int8_model: Path | None,
     fp16_model: Path | None, batch_sizes: str,
-    threads: int, streams: int, warmup: int, iterations: int, rounds: int, settle_ms: float, rewarm_ms: float,
+    threads: int, streams: int | str, warmup: int, iterations: int, rounds: int, settle_ms: float, rewarm_ms: float,
     inputs: str, only: str | None, as_json: bool,
     plot_path: Path | None, quiet: bool,
 ) -> None:
@@ -140,7 +141,7 @@ def main(
         if path is not None and not Path(path).is_file():
             raise ModelFileError(f"{path}: no such file ({flag})")
     rounds = min(rounds, iterations)
-    if streams > threads:
+    if streams != "auto" and streams > threads:
         raise BenchOptionError(f"{streams} streams need at least {streams} threads (--threads {threads})")
     if plot_path is not None:
         require_pyplot()  # fail before the run, not after it

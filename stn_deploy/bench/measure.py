@@ -170,15 +170,15 @@ def run_benchmark(
                     _fail(b, exc, live)
         bar.update(len(pending))
     bar.close()
-    for b in backends:
-        b.runner.close()
-
     alive = {b.runner.name for b in live}
     results = [m.summary() for m in measurements.values() if m.latencies_ms and m.backend in alive]
     eager = {r["batch_size"]: r["throughput"] for r in results if r["backend"] == EAGER}
     eager_cuda = {r["batch_size"]: r["throughput"] for r in results if r["backend"] == EAGER_CUDA}
     device = {b.runner.name: b.runner.device for b in backends}
+    runners = {b.runner.name: b.runner for b in backends}
     for r in results:
+        if hasattr(runners[r["backend"]], "streams_for"):  # what streams="auto" chose at this size
+            r["streams"] = runners[r["backend"]].streams_for(r["batch_size"])
         base = eager.get(r["batch_size"])
         r["ratio_to_eager"] = r["throughput"] / base if base else None
         if device[r["backend"]] == "cuda":  # GPU rows are also compared with PyTorch on the same GPU
@@ -186,6 +186,8 @@ def run_benchmark(
             r["ratio_to_eager_cuda"] = r["throughput"] / base if base else None
     order = {b.runner.name: i for i, b in enumerate(backends)}
     results.sort(key=lambda r: (r["batch_size"], order[r["backend"]]))
+    for b in backends:
+        b.runner.close()
     return results, {name: a for name, a in agreement.items() if name in alive}
 
 

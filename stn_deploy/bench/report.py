@@ -58,7 +58,8 @@ def _gpus() -> list[str]:
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"stn-bench: {report['model']}  threads={report['threads']}  "
-        + (f"streams=1 and {report['streams']}  " if report.get("streams", 1) > 1 else "")
+        + (f"streams=1 and {report['streams']}  " if isinstance(report.get("streams"), int) and report["streams"] > 1
+           else f"streams={report.get('streams', 1)}  ")
         + f"inputs={report['inputs']}  "
         f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} ms settle, "
         f"{report.get('rewarm_ms', 0):g} ms re-warm)",

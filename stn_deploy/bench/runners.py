@@ -105,7 +105,7 @@ class OrtRunner(Runner):
 
     def __init__(
         self, model: Path | None, provider: str, precision: str, threads: int, *, trt_fp16: bool = False,
-        max_batch: int = 256, streams: int = 1, missing: str = "--model",
+        max_batch: int = 256, streams: int | str = "auto", missing: str = "--model",
     ) -> None:
         super().__init__(threads)
         self.model, self.provider, self.trt_fp16 = model, provider, trt_fp16
@@ -115,7 +115,7 @@ class OrtRunner(Runner):
         self.streams = streams
         self.missing = missing
         self.device = "cpu" if provider == "cpu" else "cuda"
-        self.name = f"ort-{provider}-{self.precision}" + streams_suffix(streams)
+        self.name = f"ort-{provider}-{self.precision}" + (streams_suffix(streams) if isinstance(streams, int) else "")
 
     def load(self) -> None:
         _missing(self.model, self.missing)
@@ -131,8 +131,8 @@ class OrtRunner(Runner):
             )
         except ProviderError as exc:
             raise BackendUnavailable(str(exc)) from None
-        self.info = {"model": str(self.model), "providers": self.session.providers, "streams": self.streams,
-                     "io_binding": self.session.io_binding}
+        self.info = {"model": str(self.model), "providers": self.session.providers,
+                     "streams": self.streams, "io_binding": self.session.io_binding}
         if self.provider != "cpu":
             self.info["nodes_on_cpu"] = len(self.session.placement().cpu_fallback)
             if self.session.device_check is not None:
@@ -142,6 +142,10 @@ class OrtRunner(Runner):
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(batch, [md.LOG_PROBS])[md.LOG_PROBS]
+
+    def streams_for(self, batch_size: int) -> int:
+        """The streams a batch of ``batch_size`` ran on (what ``auto`` chose)."""
+        return self.session.streams_for(batch_size)
 
     def close(self) -> None:
         if getattr(self, "session", None) is not None:
@@ -224,17 +228,19 @@ def plan_runners(
     *,
     openvino_int8_model: Path | None = None,
     max_batch: int = 256,
-    streams: int = 1,
+    streams: int | str = "auto",
 ) -> list[Runner]:
     """Every backend stn-bench knows, in table order; each decides in ``load()`` if it can run.
 
     The OpenVINO int8 row reads ``openvino_int8_model`` when given (e.g. ``stn-export
     --int8-config plain``, the layout OpenVINO runs fastest), else ``int8_model``. ``max_batch``
     is the largest batch size that will be run (TensorRT builds its profile for it). With
-    ``streams`` > 1 each ONNX Runtime CPU and OpenVINO row gets a twin that cuts the batch into
-    that many concurrent streams of ``threads // streams`` threads (the same cores).
+    ``streams="auto"`` the ONNX Runtime CPU rows choose per batch size, as ``Session`` does; with a
+    number > 1 each ONNX Runtime CPU and OpenVINO row gets a twin that cuts the batch into that
+    many concurrent streams of ``threads // streams`` threads (the same cores).
     """
-    arrangements = [1, streams] if streams > 1 else [1]
+    ort_arrangements: list[int | str] = ["auto"] if streams == "auto" else ([1, streams] if streams > 1 else [1])
+    arrangements = [1, streams] if isinstance(streams, int) and streams > 1 else [1]
     ov_int8 = openvino_int8_model or int8_model
 
     def missing(flags: str, precision: str) -> str:
@@ -242,8 +248,8 @@ def plan_runners(
 
     no_int8, no_fp16 = missing("--int8-model", "int8"), missing("--fp16-model", "fp16")
     runners: list[Runner] = [TorchRunner(checkpoint, "cpu", threads), TorchRunner(checkpoint, "cuda", threads)]
-    runners += [OrtRunner(model, "cpu", "fp32", threads, streams=n) for n in arrangements]
-    runners += [OrtRunner(int8_model, "cpu", "int8", threads, streams=n, missing=no_int8) for n in arrangements]
+    runners += [OrtRunner(model, "cpu", "fp32", threads, streams=n) for n in ort_arrangements]
+    runners += [OrtRunner(int8_model, "cpu", "int8", threads, streams=n, missing=no_int8) for n in ort_arrangements]
     runners.append(OrtRunner(model, "cuda", "fp32", threads))
     runners.append(OrtRunner(fp16_model, "cuda", "fp16", threads, missing=no_fp16))
     runners.append(OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch))

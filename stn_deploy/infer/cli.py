@@ -10,10 +10,10 @@ import click
 from PIL import Image
 
 from stn_deploy import metadata as md
-from stn_deploy.console import report_errors, to_json
+from stn_deploy.console import STREAMS, report_errors, to_json
 from stn_deploy.errors import StnDeployError
 from stn_deploy.images import DEFAULT_MAX_PIXELS, find_images
-from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, ProviderConfig, Session
+from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, STREAMS_MIN_BATCH, ProviderConfig, Session
 
 from .pipeline import default_decode_workers, run_inference
 from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format
@@ -64,9 +64,11 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--provider", "-p", type=click.Choice(PROVIDERS), default="auto", show_default=True, help="Execution provider; auto = TensorRT, else CUDA, else CPU.")
 @click.option("--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt.")
 @click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core).")
-@click.option("--streams", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--streams", default="auto", show_default=True, type=STREAMS,
               help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
-                   f"which take chunks of {STREAM_CHUNK} images in turn (throughput; stn-bench --streams measures it).")
+                   f"which take chunks of {STREAM_CHUNK} images in turn. auto: one stream per thread for batches of "
+                   f"{STREAMS_MIN_BATCH} or more on the CPU provider with 2+ threads (faster there), else one stream; "
+                   "one stream on a GPU. The summary line says which was used.")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (PIL releases the GIL) or processes.")
 @click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
@@ -89,7 +91,7 @@ def main(
     provider: str,
     device_id: int,
     threads: int | None,
-    streams: int,
+    streams: int | str,
     decode_workers: int | None,
     decode_pool: str,
     ort_spin: bool,
@@ -103,7 +105,7 @@ def main(
 ) -> None:
     if as_json and output == "-":
         raise InferUsageError("--json prints the summary on stdout: give the rows a file with --output")
-    if threads is not None and streams > threads:
+    if threads is not None and streams != "auto" and streams > threads:
         raise InferUsageError(f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)")
     fmt = output_format(output, fmt)
     listing = find_images(images)  # missing/empty directory: exit 2 before loading the model
@@ -148,9 +150,11 @@ def main(
     summary.skipped_files = listing.skipped
 
     where = "stdout" if output == "-" else output
+    used_streams = session.streams_for(batch_size)  # what "auto" chose for this batch size
     line = (
         f"stn-infer: {summary.ok} ok, {summary.failed} failed of {summary.images} images "
-        f"in {summary.seconds:.2f} s ({summary.images_per_s:.0f} img/s, {session.provider}) -> {where}"
+        f"in {summary.seconds:.2f} s ({summary.images_per_s:.0f} img/s, {session.provider}, "
+        f"{used_streams} stream{'s' if used_streams > 1 else ''}) -> {where}"
     )
     click.echo(line, err=True)
     if as_json:
@@ -166,6 +170,7 @@ def main(
                     "output": str(output),
                     "format": fmt,
                     "batch_size": batch_size,
+                    "streams": used_streams,
                     "decode_workers": decode_workers or default_decode_workers(),
                     "decode_pool": decode_pool,
                     "ort_spin": ort_spin,

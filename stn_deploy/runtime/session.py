@@ -93,7 +93,7 @@ class Session:
         *,
         provider_config: ProviderConfig | None = None,
         threads: int | None = None,
-        streams: int | str = 1,
+        streams: int | str = "auto",
         spin: bool | None = None,
         graph_optimization: str = "all",
         io_binding: bool | None = None,
