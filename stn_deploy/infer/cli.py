@@ -75,6 +75,9 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1), help="Refuse images with more pixels than this (decompression-bomb guard).")
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
 @click.option("--trt-engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT: engine/timing cache directory.")
+@click.option("--device-check/--no-device-check", default=True, show_default=True,
+              help="On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
+                   "disagree (fp32: max |Δ| 1e-3 and identical top-1).")
 @click.option("--strict-placement", is_flag=True, help="Fail (instead of warn) when a GPU provider leaves compute nodes on the CPU.")
 @click.option("--visualize", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write input|warped image pairs here (model needs the 'warped' output: stn-export --with-warped).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (counts, throughput, providers, placement) as JSON on stdout.")
@@ -98,6 +101,7 @@ def main(
     max_pixels: int,
     trt_fp16: bool,
     trt_engine_cache: Path | None,
+    device_check: bool,
     strict_placement: bool,
     visualize: Path | None,
     as_json: bool,
@@ -124,6 +128,7 @@ def main(
         spin=ort_spin,
         warmup=1,
         warmup_batch=min(batch_size, len(listing.files)),
+        device_check=device_check,
     )
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))
     if visualize is not None:
