@@ -94,6 +94,7 @@ class DynamicBatcher:
         self._rows = 0  # images queued
         self._cond = threading.Condition()
         self._closing = False
+        self._hurry = False  # set at shutdown: run what is queued without waiting for company
         self._running = 0  # images in the batch now running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._work, name=f"stn-batcher-{name}", daemon=True)
@@ -138,7 +139,14 @@ class DynamicBatcher:
             except ValueError:
                 return False
             self._rows -= job.rows
+            self._cond.notify()  # the worker may be waiting on this request's deadline
             return True
+
+    def hurry(self) -> None:
+        """Stop waiting for batches to fill (a shutdown began); requests are still taken."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Take no new requests, run every queued one, and stop the worker."""
@@ -171,9 +179,9 @@ class DynamicBatcher:
                 if self._closing:
                     return None
                 self._cond.wait()
-            deadline = self._queue[0].enqueued + self.max_queue_delay_s
-            while self._queue and self._rows < self.max_batch_size and not self._closing:
-                remaining = deadline - time.monotonic()
+            while self._queue and self._rows < self.max_batch_size and not (self._closing or self._hurry):
+                # The oldest request still queued sets the deadline (one ahead of it may have given up).
+                remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)

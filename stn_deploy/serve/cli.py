@@ -260,6 +260,8 @@ class _Server(uvicorn.Server):
             click.echo("stn-serve: second interrupt: stopping without waiting", err=True)
             return
         if not self.should_exit:
+            for model in self._models:  # queued requests run now instead of waiting for company
+                model.batcher.hurry()
             queued = sum(m.batcher.depth for m in self._models)
             click.echo(
                 f"stn-serve: {signal.Signals(sig).name}: no new connections; answering the requests in flight ({queued} queued)",
