@@ -52,7 +52,7 @@ def plain_path(served_model, tmp_path_factory) -> Path:
 def server(served_model, plain_path):
     proc = ServerProcess(
         served_model, plain_path, "--name", "stn", "--name", "plain", "--max-body-mb", str(MAX_BODY_MB),
-        "--request-timeout-s", str(TIMEOUT_S), "--max-batch-size", "16", "--max-queue-delay-ms", "5",
+        "--request-timeout-s", str(TIMEOUT_S), "--max-batch-size", "16", "--max-queue-delay-ms", "5", "--json",
     )
     yield proc
     assert proc.stop() == 0
@@ -158,6 +158,17 @@ def test_binary_request_with_binary_output_flag_per_output(client, session):
     assert r.status_code == 200
     result = httpclient.InferResult.from_response_body(r.content, header_length=int(r.headers["Inference-Header-Content-Length"]))
     assert np.abs(result.as_numpy("log_probs") - session.run(x)["log_probs"]).max() <= 1e-5
+
+
+def test_json_prints_one_ready_line_with_the_url_models_and_settings(server):
+    deadline = time.monotonic() + 5
+    while not server.stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = server.stdout
+    ready = json.loads(line)
+    assert ready["url"] == server.url
+    assert [m["name"] for m in ready["models"]] == ["stn", "plain"]
+    assert ready["models"][1]["has_warped"] is False and ready["max_batch_size"] == 16
 
 
 def test_server_metadata_names_the_binary_tensor_extension(client):

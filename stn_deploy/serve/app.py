@@ -36,7 +36,7 @@ from stn_deploy.errors import one_line
 from stn_deploy.images import DEFAULT_MAX_PIXELS, decode_bytes
 
 from .metrics import ServeMetrics
-from .model import ServedModel, dumps
+from .model import ServedModel, dumps, within
 from .protocol import (
     HEADER_LENGTH,
     MODEL_VERSION,
@@ -141,7 +141,7 @@ def create_app(
                 chunks.append(chunk)
 
         try:
-            await asyncio.wait_for(receive_all(), max(0.0, until - asyncio.get_running_loop().time()))
+            await within(receive_all(), until)
         except asyncio.TimeoutError:
             raise RequestError(
                 408, f"request body not received within {limits.request_timeout_s:g} s ({received} bytes arrived; --request-timeout-s)"
@@ -184,6 +184,7 @@ def create_app(
     async def infer(request: Request) -> Response:
         until = deadline()
         model = lookup(request)
+        model.refuse_if_full()  # before reading and parsing the body: shedding load must be cheap
         body = await read_body(request, until)
         header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
         if len(body) > PARSE_IN_THREAD_BYTES:
@@ -202,6 +203,7 @@ def create_app(
         model = lookup(request)
         top_k = _int_param(request, "top_k", limits.top_k, 1, len(model.class_names))
         images = request.query_params.get("images", "0").lower() in ("1", "true", "yes")
+        model.refuse_if_full()
         body = await read_body(request, until)
         content_type = request.headers.get("content-type", "")
         if content_type.lower().startswith("multipart/form-data"):

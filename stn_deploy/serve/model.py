@@ -7,10 +7,10 @@ import base64
 import io
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 NO_WARPED = f"this model has no '{md.WARPED}' output: export it with stn-export --with-warped to see the warped image"
 # Retry-After (seconds) sent with a 503: a full queue drains in well under a second on a CPU.
 RETRY_AFTER_S = 1
+T = TypeVar("T")
 
 
 def check_name(name: str) -> str:
@@ -114,21 +115,28 @@ class ServedModel:
         }
 
     # -- running ----------------------------------------------------------------------------------
+    def _queue_full(self) -> RequestError:
+        return RequestError(
+            503,
+            f"model '{self.name}': queue full ({self.batching.max_queue} requests waiting, --max-queue); retry later",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    def refuse_if_full(self) -> None:
+        """503 now if the queue is full (the request would be refused after its body was read anyway)."""
+        if self.batcher.depth >= self.batching.max_queue:
+            raise self._queue_full()
+
     async def infer(self, inputs: np.ndarray, outputs: Sequence[str], deadline: float) -> dict[str, np.ndarray]:
         """Queue ``inputs`` and await their rows; ``deadline`` is on the loop's clock (``loop.time()``)."""
         try:
             job = self.batcher.submit(inputs, outputs)
         except QueueFull:
-            raise RequestError(
-                503,
-                f"model '{self.name}': queue full ({self.batching.max_queue} requests waiting, --max-queue); retry later",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
+            raise self._queue_full() from None
         except BatcherClosed:
             raise RequestError(503, "the server is shutting down", {"Retry-After": str(RETRY_AFTER_S)}) from None
-        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(job.future, max(0.0, deadline - loop.time()))
+            return await within(job.future, deadline)
         except asyncio.TimeoutError:
             self.batcher.cancel(job)
             raise RequestError(
@@ -174,6 +182,17 @@ class ServedModel:
             "warped_note": None if self.has_warped else NO_WARPED,
             "ready": self.ready,
         }
+
+
+async def within(awaitable: Awaitable[T], deadline: float) -> T:
+    """Await ``awaitable`` until ``deadline`` (the loop's clock); asyncio.TimeoutError after it.
+
+    ``asyncio.timeout_at`` (3.11+) needs no extra task per request, unlike ``wait_for`` on a coroutine.
+    """
+    if hasattr(asyncio, "timeout_at"):
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 def _png_data_url(pixels: np.ndarray) -> str:

@@ -74,6 +74,7 @@ async function classify(file) {
 
 function render(body) {
   $("label").textContent = body.label;
+  $("label").classList.toggle("long", body.label.length > 3);
   $("confidence").textContent = `${(100 * body.confidence).toFixed(1)}%`;
 
   const bars = $("topk");
