@@ -491,8 +491,9 @@ def test_a_request_without_an_answer_in_time_is_a_504(slow_server):
 
 # -- graceful shutdown -----------------------------------------------------------------------------------
 def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(served_model, session):
-    # Batches wait up to 3 s for company: every request of the burst is queued when SIGTERM arrives.
-    proc = ServerProcess(served_model, "--max-queue-delay-ms", "3000", "--max-batch-size", "128", "--name", "stn")
+    # Batches wait up to 6 s for company: every request of the burst is queued when SIGTERM arrives,
+    # and the server must run them at once instead of waiting out the delay.
+    proc = ServerProcess(served_model, "--max-queue-delay-ms", "6000", "--max-batch-size", "128", "--name", "stn")
     try:
         requests = [_images(1 + i % 3, 200 + i) for i in range(40)]
         results: dict[int, object] = {}
@@ -512,12 +513,15 @@ def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(serve
             time.sleep(0.01)
         assert _metric(proc, "stn_serve_queue_depth", model="stn") == len(requests)  # all accepted and waiting
         proc.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         for t in threads:
             t.join(30)
         code = proc.proc.wait(30)
+        stopped_in = time.monotonic() - signalled
     finally:
         proc.kill()
     assert code == 0, "\n".join(proc.lines[-20:])
+    assert stopped_in < 4.0  # the queued batch ran at once, not after the 6 s delay
     for i, x in enumerate(requests):
         assert not isinstance(results[i], Exception), results[i]
         assert np.abs(results[i] - session.run(x)["log_probs"]).max() <= 1e-5

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -49,3 +51,13 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path_factory, checkpoint_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert_cli_error(_invoke(model, "--port", port), 1, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_the_server_imports_no_torch_and_no_training_or_export_code():
+    code = (
+        "import sys, stn_deploy.serve.cli, stn_deploy.serve.app\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'stn_deploy.train', 'stn_deploy.export')))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -43,7 +43,7 @@ def check_name(name: str) -> str:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 32
-    max_queue_delay_s: float = 0.002
+    max_queue_delay_s: float = 0.0
     max_queue: int = 256
 
 
