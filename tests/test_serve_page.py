@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_support import REPO, ServerProcess, digit_png, export_served_model, plain_model
+from serve_support import REPO, ServerProcess, digit_png, plain_model
 
 from stn_deploy.images import decode
 from stn_deploy.runtime import Session
@@ -25,9 +25,23 @@ SCREENSHOT = REPO / "benchmarks" / "results" / "serve_page.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, checkpoint_path):
-    model = export_served_model(tmp_path_factory, checkpoint_path)
-    plain = plain_model(model, tmp_path_factory.getbasetemp() / "runtime_models" / "stn_plain.onnx")
+def warping_model(tmp_path_factory) -> Path:
+    """A model whose transformer visibly rotates and zooms (θ ≈ a 24° rotation, 1.15× zoom), so the
+    page's warped image differs from its input; exported with theta and warped outputs."""
+    from conftest import make_checkpoint
+    from stn_deploy.export import export_model
+
+    directory = tmp_path_factory.mktemp("page_model")
+    checkpoint = make_checkpoint(directory / "stn_warp.pt", seed=3, theta_bias=(0.8, -0.35, 0.1, 0.35, 0.8, -0.05))
+    path = directory / "stn_warp.onnx"
+    export_model(checkpoint, path, with_theta=True, with_warped=True, parity_samples=8, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, warping_model):
+    model = warping_model
+    plain = plain_model(model, model.with_name("stn_warp_plain.onnx"))
     proc = ServerProcess(model, plain, "--name", "stn", "--name", "plain")
     yield proc, Session(model, "cpu", threads=1)
     assert proc.stop() == 0
@@ -66,6 +80,13 @@ def test_the_page_classifies_an_uploaded_digit_and_shows_the_warp_and_theta(serv
     assert page.eval_on_selector("#input", "img => img.naturalWidth") == 32
     assert page.eval_on_selector("#warped", "img => img.naturalWidth") == 32
     assert page.is_hidden("#warped-note")
+    shown = [page.evaluate(f"""() => {{
+        const img = document.getElementById('{name}'), c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        return Array.from(g.getImageData(0, 0, c.width, c.height).data);
+    }}""") for name in ("input", "warped")]
+    assert shown[0] != shown[1]  # the page shows the transformer's output, not the input twice
     theta = [[float(td) for td in row.locator("td").all_text_contents()] for row in page.locator("#theta tr").all()]
     np.testing.assert_allclose(theta, reference["theta"][0], atol=1e-4)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
