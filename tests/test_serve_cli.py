@@ -61,3 +61,26 @@ def test_the_server_imports_no_torch_and_no_training_or_export_code():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # newer Starlette prefers httpx2; httpx works
+def test_ready_turns_false_when_a_shutdown_begins(tmp_path_factory, checkpoint_path):
+    from starlette.testclient import TestClient
+
+    from stn_deploy.runtime import Session
+    from stn_deploy.serve.app import ServerLimits, create_app
+    from stn_deploy.serve.metrics import ServeMetrics
+    from stn_deploy.serve.model import BatchingConfig, ServedModel
+
+    model = export_served_model(tmp_path_factory, checkpoint_path)
+    metrics = ServeMetrics()
+    served = ServedModel("stn", Session(model, "cpu", threads=1), BatchingConfig(), metrics)
+    app = create_app([served], ServerLimits(), metrics)
+    with TestClient(app) as client:
+        served.batcher.ready.wait(60)
+        assert client.get("/v2/health/ready").status_code == 200
+        app.state.serve["shutting_down"] = True  # what the SIGTERM handler does
+        response = client.get("/v2/health/ready")
+        assert response.status_code == 400 and "shutting down" in response.json()["error"]
+        assert client.get("/v2/health/live").status_code == 200

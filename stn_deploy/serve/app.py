@@ -252,12 +252,15 @@ def create_app(
         Route("/ui/models", page_models, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(AccessMiddleware, metrics=metrics, models=set(by_name))],
         exception_handlers={RequestError: _request_error, HTTPException: _http_error, Exception: _internal_error},
     )
+    # The server sets this when a shutdown begins, so /v2/health/ready says so at once.
+    app.state.serve = state
+    return app
 
 
 # -- helpers --------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def main(
     bound = sock.getsockname()
     url = f"http://{_url_host(host)}:{bound[1]}"
     settings = {
-        "provider": served[0].session.provider, "threads": threads, "streams": streams, "max_batch_size": max_batch_size,
+        "provider": served[0].session.providers[0], "threads": threads, "streams": streams, "max_batch_size": max_batch_size,
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue": max_queue, "max_body_mb": max_body_mb,
         "request_timeout_s": request_timeout_s,
     }
@@ -180,7 +180,7 @@ def main(
         timeout_graceful_shutdown=request_timeout_s + SHUTDOWN_GRACE_S,
         server_header=False,
     )
-    server = _Server(config, served)
+    server = _Server(config, served, app.state.serve)
     click.echo(
         f"stn-serve: listening on {url}: {', '.join(f'{m.name} ({m.path})' for m in served)} on {settings['provider']}, "
         f"{threads} thread(s), {streams} stream(s), max batch {max_batch_size}, max delay {max_queue_delay_ms:g} ms; warming up",
@@ -243,9 +243,10 @@ class _Server(uvicorn.Server):
     exits 0 once every accepted request has been answered.
     """
 
-    def __init__(self, config: uvicorn.Config, models: list[ServedModel]) -> None:
+    def __init__(self, config: uvicorn.Config, models: list[ServedModel], app_state: dict) -> None:
         super().__init__(config)
         self._models = models
+        self._app_state = app_state
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -265,6 +266,7 @@ class _Server(uvicorn.Server):
             click.echo("stn-serve: second interrupt: stopping without waiting", err=True)
             return
         if not self.should_exit:
+            self._app_state["shutting_down"] = True  # /v2/health/ready answers 400 from now on
             for model in self._models:  # queued requests run now instead of waiting for company
                 model.batcher.hurry()
             queued = sum(m.batcher.depth for m in self._models)

@@ -60,9 +60,11 @@ class ServedModel:
         self.has_warped = session.has_warped
         # Per-image output shapes from one real run (what the model gives, whatever its graph declares).
         probe = session.run(np.zeros((1, *self.preprocessing.input_shape), np.float32))
+        described = session.describe()  # the Session's public account of its file and input
+        self._path = Path(described["model"])
         self.signature = ModelSignature(
             name=self.name,
-            input=TensorSpec(session.input_name, tuple(self.preprocessing.input_shape)),
+            input=TensorSpec(described["input"], tuple(self.preprocessing.input_shape)),
             outputs=tuple(TensorSpec(n, tuple(probe[n].shape[1:])) for n in session.output_names),
             max_batch_size=batching.max_batch_size,
         )
@@ -92,7 +94,7 @@ class ServedModel:
 
     @property
     def path(self) -> Path:
-        return Path(self.session.model_path)
+        return self._path
 
     def parameters(self) -> dict[str, Any]:
         """Extra metadata for GET /v2/models/{name}: what a client needs to read the outputs."""
