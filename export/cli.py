@@ -15,6 +15,7 @@ from stn_deploy.fileio import check_writable
 from .next_steps import format_next_steps, next_steps
 from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
 from .targets import TARGETS
+from .triton_repo import write_triton_repo
 
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
 # Options that shape the export itself; an .onnx MODEL has been exported already.
@@ -126,6 +127,9 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
                    "for GPU targets (fp32 I/O; θ path and GridSample stay fp32).")
 @click.option("--json", "as_json", is_flag=True, help="Write the export report as JSON to stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="After the export, also write a Triton model repository entry for the fp32 file: "
+                   "DIR/<output stem>/config.pbtxt, DIR/<output stem>/1/model.onnx, labels.txt (docs/serve.md).")
 @report_errors
 def main(
     model: Path,
@@ -149,6 +153,7 @@ def main(
     precision: str,
     as_json: bool,
     quiet: bool,
+    triton_repo: Path | None,
 ) -> None:
     """Export MODEL (a stn-deploy checkpoint .pt, or a torch.export archive .pt2 of your own
     STN-style model) to ONNX, and prove the file before it is written: onnx.checker (full),
@@ -175,6 +180,9 @@ def main(
     if quantize and not calibration:
         raise click.UsageError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
     if model.suffix.lower() == ".onnx":
+        if triton_repo is not None:
+            raise click.BadParameter(f"writes the file an export makes; for {model} run: python -m "
+                                     f"stn_deploy.export.triton_repo {model} {triton_repo}", param_hint="--triton-repo")
         _derive_from_onnx(
             model, output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
             max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
@@ -230,6 +238,10 @@ def main(
             report.output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
             max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
         )
+    if triton_repo is not None:  # the verified fp32 file as a Triton model repository entry
+        variants["triton_repo"] = str(write_triton_repo(report.output, triton_repo))
+        if not as_json:
+            click.echo(f"Wrote Triton model repository entry {variants['triton_repo']}", err=True)
     int8 = variants.get("int8", {})
     steps = next_steps(
         report.output, target=report.target, dataset=report.metadata.get(md.DATASET, ""),

@@ -9,9 +9,10 @@ definition shared with training.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,20 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a named pipe would block the decoder forever
             raise ImageError(f"{path}: not a regular file")
-        image = Image.open(path)
+    except OSError as exc:
+        raise ImageError(f"{path}: {exc.strerror or exc}") from None
+    return _open_checked(path, str(path), max_pixels=max_pixels, is_empty=lambda: _is_empty(path))
+
+
+def _open_checked(source: Path | io.BytesIO, label: str, *, max_pixels: int | None, is_empty: Callable[[], bool]) -> Image.Image:
+    """:func:`open_image`'s decoder and guards for a path or an in-memory file; errors name ``label``."""
+    try:
+        image = Image.open(source)
         try:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
-                    f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+                    f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                     f"{max_pixels:,} (possible decompression bomb; raise --max-pixels to allow it)"
                 )
             image.load()  # a freshly opened animation (GIF, APNG, multi-page TIFF) is on its first frame
@@ -118,16 +127,16 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
+        raise ImageError(f"{label}: refused as a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        if _is_empty(path):
-            raise ImageError(f"{path}: empty file (0 bytes)") from None
-        raise ImageError(f"{path}: not an image PIL can decode (unknown or corrupt format)") from None
+        if is_empty():
+            raise ImageError(f"{label}: empty file (0 bytes)") from None
+        raise ImageError(f"{label}: not an image PIL can decode (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:  # could not open the file at all
-            raise ImageError(f"{path}: {exc.strerror or exc}") from None
+            raise ImageError(f"{label}: {exc.strerror or exc}") from None
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageError(f"{path}: cannot decode ({msg})") from None
+        raise ImageError(f"{label}: cannot decode ({msg})") from None
     return image
 
 
@@ -146,8 +155,12 @@ class DecodeResult:
 
 def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodeResult:
     """Decode and preprocess one file; failures are returned, not raised."""
+    return _decode(path, lambda: open_image(path, max_pixels=max_pixels), preprocessing)
+
+
+def _decode(path: Path, opener: Callable[[], Image.Image], preprocessing: Preprocessing) -> DecodeResult:
     try:
-        with open_image(path, max_pixels=max_pixels) as image:
+        with opener() as image:
             pixels = preprocessing.to_uint8(image)
     except ImageError as exc:
         # The row already names the file: keep only the problem.
@@ -157,6 +170,19 @@ def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None =
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
         return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})")
     return DecodeResult(path, array=pixels)
+
+
+# -- image bytes (stn-serve's upload endpoint) ---------------------------------------------------
+def open_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`open_image` for an image held in memory (an upload); errors are ``"name: problem"``."""
+    return _open_checked(io.BytesIO(data), name, max_pixels=max_pixels, is_empty=lambda: not data)
+
+
+def decode_bytes(
+    data: bytes, name: str, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> DecodeResult:
+    """:func:`decode` for image bytes: the same decoder, guards and preprocessing; ``name`` labels the result."""
+    return _decode(Path(name), lambda: open_image_bytes(data, name, max_pixels=max_pixels), preprocessing)
 
 
 @dataclass
