@@ -3,6 +3,7 @@ an fp32 ONNX file it wrote → its int8 / fp16 variant."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -32,9 +33,12 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
+    if not all(math.isfinite(v) for v in values):  # hardening (issue 12): nan/inf are not a mean or a std
+        raise click.BadParameter(f"expected finite numbers, got {text!r}", param_hint=flag)
+    return values
 
 
 def _image_size(text: str | None) -> tuple[int, int] | None:
