@@ -145,7 +145,9 @@ def check_archive(path: str | Path) -> None:
                 if member.startswith("models/"):
                     _check_model(path, info.filename, _read_json(archive, info, path))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch.export archive ({type(exc).__name__}: {_cut(str(exc))})") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch.export archive ({type(exc).__name__}: {_cut(str(exc))})"
+        ) from None
 
 
 def _root(path: Path, infos: list[zipfile.ZipInfo]) -> str:
@@ -324,7 +326,12 @@ def _check_number(value: Any) -> None:
 
 def _check_exponent(node: ast.AST) -> None:
     """A power's exponent: a literal integer 0..MAX_EXPONENT (2**(2**62) would never finish)."""
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer" and len(node.args) == 1:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Integer"
+        and len(node.args) == 1
+    ):
         node = node.args[0]
     if not (isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= MAX_EXPONENT):
         raise _Refused(f"a power whose exponent is not a literal integer 0..{MAX_EXPONENT}")
@@ -349,7 +356,9 @@ def _check_expression(node: ast.AST) -> None:
         if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str) and _NAME.fullmatch(arg.value)):
             raise _Refused("Symbol's name is not a plain identifier")
         for kw in node.keywords:
-            if kw.arg not in _ASSUMPTIONS or not (isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, bool)):
+            if kw.arg not in _ASSUMPTIONS or not (
+                isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, bool)
+            ):
                 raise _Refused(f"Symbol keyword {kw.arg!r}")
         return
     if name == "Float":
@@ -426,7 +435,8 @@ def _is_input_path(node: ast.AST) -> bool:
         return False
     key = node.slice
     if not isinstance(key, ast.Constant) or not (
-        (isinstance(key.value, str) and _NAME.fullmatch(key.value)) or (type(key.value) is int and 0 <= key.value < 1 << 16)
+        (isinstance(key.value, str) and _NAME.fullmatch(key.value))
+        or (type(key.value) is int and 0 <= key.value < 1 << 16)
     ):
         return False
     return (isinstance(node.value, ast.Name) and node.value.id == "L") or _is_input_path(node.value)
