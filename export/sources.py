@@ -13,19 +13,20 @@ import contextlib
 import json
 import pickle
 import zipfile
-from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
-from stn_deploy.train.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from stn_deploy.errors import CheckpointError, StnDeployError, one_line
 from stn_deploy.metadata import LOG_PROBS, THETA, WARPED
-from stn_deploy.train.model import STNClassifier
 from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from stn_deploy.train.model import STNClassifier
+
 from .archive import check_archive
 from .sampling import portable_grid_sampler_decomposition
 from .theta_head import ThetaHead, find_theta_head

@@ -26,30 +26,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import assert_cli_error
-from stn_deploy.cli import EXIT_TERMINATED, report_errors
+from helpers import assert_cli_error
+from stn_deploy.console import EXIT_TERMINATED, report_errors
 from stn_deploy.export.cli import main as stn_export
 from stn_deploy.fileio import atomic_path, atomic_write_bytes, atomic_write_text, check_writable, is_partial
-from stn_deploy.infer import main as stn_infer
+from stn_deploy.infer.cli import main as stn_infer
 
 ROOT = os.geteuid() == 0
-
-
-def shared_model(tmp_path_factory, checkpoint_path) -> Path:
-    """The conftest checkpoint exported with theta and warped outputs, once per session (the path
-    test_infer.py and test_runtime.py use: whichever runs first exports)."""
-    path = tmp_path_factory.getbasetemp() / "runtime_models" / "stn_theta_warped.onnx"
-    if not path.exists():
-        from stn_deploy.export import export_model
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_model(checkpoint_path, path, with_theta=True, with_warped=True, parity_samples=32, progress=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory, checkpoint_path) -> Path:
-    return shared_model(tmp_path_factory, checkpoint_path)
 
 
 def _images(root: Path, n: int, size: int = 32) -> Path:

@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_checkpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from helpers import make_checkpoint
 from stn_deploy import cells
 from stn_deploy import metadata as md
-from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.errors import CheckpointError, StnDeployError
-from stn_deploy.infer import Prediction, RowWriter
-from stn_deploy.model import MAX_PARAMETERS
+from stn_deploy.infer.rows import Prediction, RowWriter
 from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.checkpoint import load_checkpoint
+from stn_deploy.train.model import MAX_PARAMETERS
 from test_values import resumable  # noqa: F401 - the fixture: a real one-epoch training state
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

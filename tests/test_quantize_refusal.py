@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import assert_cli_error, make_checkpoint
+
+from helpers import assert_cli_error, make_checkpoint
+from stn_deploy import metadata as md
+from stn_deploy.errors import ModelFileError
 from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as stn_export
 from stn_deploy.export.quantize import CalibrationReader, quantize_int8, quantized_content
-
-from stn_deploy import metadata as md
-from stn_deploy.errors import ModelFileError
-from stn_deploy.model import STNConfig
+from stn_deploy.train.model import STNConfig
 
 SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
 

@@ -20,23 +20,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_cli_error
-from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from stn_deploy.cli import report_errors, to_json
+from helpers import assert_cli_error
+from stn_deploy.console import report_errors, to_json
 from stn_deploy.errors import CheckpointError, PreprocessingError, StnDeployError, shorten
 from stn_deploy.export.cli import main as stn_export
-from stn_deploy.infer import main as stn_infer
-from stn_deploy.model import STNConfig, build_model
+from stn_deploy.infer.cli import main as stn_infer
+from stn_deploy.infer.rows import Prediction, RowWriter
 from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.train.cli import main as stn_train
+from stn_deploy.train.model import STNConfig, build_model
 from stn_deploy.train.trainer import make_optimizer, read_resume_state
-from test_outputs import _images, _infer, shared_model
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory, checkpoint_path) -> Path:
-    return shared_model(tmp_path_factory, checkpoint_path)
-
+from test_outputs import _images, _infer
 
 # -- preprocessing values ---------------------------------------------------------------------------
 BAD_PREPROCESSING = {
@@ -146,7 +141,6 @@ def test_to_json_writes_null_for_missing_and_non_finite_numbers():
 
 
 def test_jsonl_and_csv_rows_never_hold_nan(tmp_path):
-    from stn_deploy.infer import Prediction, RowWriter
 
     rows = [
         Prediction(
@@ -176,7 +170,6 @@ def test_jsonl_and_csv_rows_never_hold_nan(tmp_path):
 
 def test_csv_cells_a_spreadsheet_would_run_get_an_apostrophe_and_numbers_never_do(tmp_path):
     from stn_deploy.cells import csv_text_value
-    from stn_deploy.infer import Prediction, RowWriter
 
     names = ["=cmd|' /C calc'!A0", "+1", "@SUM(A1)", "plain"]
     rows = [
