@@ -65,16 +65,24 @@ class Preprocessing:
         n = CHANNEL_ORDERS[order]
         mean = [
             fields.real(v, f"mean[{i}]", low=-MAX_MEAN_STD, high=MAX_MEAN_STD, float32=True, error=err)
-            for i, v in enumerate(fields.sequence(self.mean, "mean", length=n, error=err))
+            for i, v in enumerate(self._per_channel(self.mean, "mean", n, order))
         ]
         std = [
             fields.real(v, f"std[{i}]", low=MIN_STD, high=MAX_MEAN_STD, float32=True, error=err)
-            for i, v in enumerate(fields.sequence(self.std, "std", length=n, error=err))
+            for i, v in enumerate(self._per_channel(self.std, "std", n, order))
         ]
         object.__setattr__(self, "image_size", tuple(size))
         object.__setattr__(self, "mean", tuple(mean))
         object.__setattr__(self, "std", tuple(std))
         # -- end hardening
+
+    @staticmethod
+    def _per_channel(values: object, name: str, n: int, order: str) -> list:
+        """``values`` as a list of ``n`` items (a str, a dict or a scalar is refused, not split)."""
+        items = fields.sequence(values, name, error=PreprocessingError)
+        if len(items) != n:
+            raise PreprocessingError(f"mean/std need {n} values for channel_order {order!r}, {name} has {len(items)}")
+        return items
 
     @property
     def channels(self) -> int:

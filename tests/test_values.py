@@ -43,7 +43,7 @@ BAD_PREPROCESSING = {
     "mean '123'": ({"mean": "123"}, "mean must be a list, got '123'"),
     "mean of strings": ({"mean": ["0.5", "0.5", "0.5"]}, "mean[0] must be a number"),
     "mean of bools": ({"mean": [True, False, True]}, "mean[0] must be a number"),
-    "two means for RGB": ({"mean": [0.5, 0.5]}, "mean must have 3 values"),
+    "two means for RGB": ({"mean": [0.5, 0.5]}, "mean/std need 3 values for channel_order 'RGB', mean has 2"),
     "image_size a float": ({"image_size": [28.5, 28]}, "image_size[0] must be an integer"),
     "image_size huge": ({"image_size": [10**6, 10**6]}, "image_size[0] must be an integer >= 1 and <= 4096"),
     "image_size a string": ({"image_size": "28"}, "image_size must be two positive ints"),
