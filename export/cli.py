@@ -3,6 +3,7 @@ an fp32 ONNX file it wrote → its int8 / fp16 variant."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -20,7 +21,7 @@ from .triton_repo import write_triton_repo
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
 # Options that shape the export itself; an .onnx MODEL has been exported already.
 _EXPORT_ONLY = ("target", "opset", "with_theta", "with_warped", "optimize", "parity_samples",
-                "image_size", "mean", "std", "channels", "class_names")
+                "image_size", "mean", "std", "channels", "class_names", "trust_archive")
 
 
 def default_output(model: Path, target: str) -> Path:
@@ -32,9 +33,12 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
+    if not all(math.isfinite(v) for v in values):  # hardening (issue 12): nan/inf are not a mean or a std
+        raise click.BadParameter(f"expected finite numbers, got {text!r}", param_hint=flag)
+    return values
 
 
 def _image_size(text: str | None) -> tuple[int, int] | None:
@@ -130,6 +134,12 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="After the export, also write a Triton model repository entry for the fp32 file: "
                    "DIR/<output stem>/config.pbtxt, DIR/<output stem>/1/model.onnx, labels.txt (docs/serve.md).")
+# -- hardening (issue 12)
+@click.option("--trust-archive", is_flag=True,
+              help=".pt2 only: skip the check that every expression, guard, name and operator in the archive is one "
+                   "torch writes for a plain model (torch runs them as code). Only for an archive you made or trust; "
+                   "pickled objects are refused either way.")
+# -- end hardening
 @report_errors
 def main(
     model: Path,
@@ -154,6 +164,7 @@ def main(
     as_json: bool,
     quiet: bool,
     triton_repo: Path | None,
+    trust_archive: bool = False,
 ) -> None:
     """Export MODEL (a stn-deploy checkpoint .pt, or a torch.export archive .pt2 of your own
     STN-style model) to ONNX, and prove the file before it is written: onnx.checker (full),
@@ -221,6 +232,7 @@ def main(
             class_names=parse_class_names(class_names),
             data_dir=data_dir,
             progress=not quiet,
+            trust_archive=trust_archive,
         )
     except ExportCheckError as exc:
         if as_json and getattr(exc, "report", None) is not None:

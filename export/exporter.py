@@ -63,6 +63,7 @@ def export_model(
     class_names: list[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    trust_archive: bool = False,
 ) -> ExportReport:
     """Export ``source`` (.pt checkpoint or .pt2 archive) to ``output`` and prove the file.
 
@@ -83,7 +84,7 @@ def export_model(
     if parity_samples < 1:
         raise ExportOptionError(f"--parity-samples must be positive, got {parity_samples}")
 
-    src = load_source(source, preprocessing=preprocessing, class_names=class_names)
+    src = load_source(source, preprocessing=preprocessing, class_names=class_names, trust_archive=trust_archive)
     outputs = [md.LOG_PROBS] + ([md.THETA] if with_theta else []) + ([md.WARPED] if with_warped else [])
     if src.kind == "archive" and len(outputs) > 1:
         raise ExportOptionError(

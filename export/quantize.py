@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 
 from stn_deploy import metadata as md
-from stn_deploy.errors import DatasetError, ExportCheckError, StnDeployError, one_line
+from stn_deploy.errors import DatasetError, ExportCheckError, ModelFileError, StnDeployError, one_line
 from stn_deploy.fileio import atomic_path
 from stn_deploy.runtime import create_session, session_options
 
@@ -180,6 +180,50 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
+# -- hardening (issue 12): a model that is quantized already is refused at once -------------------
+# Quantizing a graph that holds quantization nodes or integer weights does not make sense and
+# kept ONNX Runtime's calibration busy for minutes; the graph is read, not only the metadata.
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention", "QEmbedLayerNormalization",
+    }
+)  # fmt: skip
+_LOW_PRECISION_WEIGHTS = {
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT4: "int4",
+    onnx.TensorProto.UINT4: "uint4", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+}  # fmt: skip
+
+
+def quantized_content(model: onnx.ModelProto) -> list[str]:
+    """What in ``model``'s graph says it is not an fp32 model: quantization operators (QDQ pairs,
+    QLinear*/QGemm, ConvInteger/MatMulInteger) and integer or half-precision weights. Empty for fp32."""
+    found: dict[str, int] = {}
+    graphs = [model.graph]
+    for graph in graphs:
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+                found[node.op_type] = found.get(node.op_type, 0) + 1
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+        for tensor in graph.initializer:
+            kind = _LOW_PRECISION_WEIGHTS.get(tensor.data_type)
+            if kind is not None:
+                found[f"{kind} weights"] = found.get(f"{kind} weights", 0) + 1
+    return [f"{name} x{count}" for name, count in sorted(found.items())]
+
+
+def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
+    """Raise a one-line :class:`ModelFileError` if ``model`` is quantized (or half precision) already."""
+    found = quantized_content(model)
+    if found:
+        precision = {p.key: p.value for p in model.metadata_props}.get(md.PRECISION, "none")
+        raise ModelFileError(
+            f"{path}: quantized already ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}; "
+            f"its metadata says precision {precision}): variants are derived from the fp32 export"
+        )
+# -- end hardening
+
+
 class CalibrationReader:
     """``onnxruntime.quantization.CalibrationDataReader`` over preprocessed images, in batches."""
 
@@ -278,6 +322,7 @@ def quantize_int8(
     if calibration.ndim != 4 or len(calibration) == 0:
         raise DatasetError(f"calibration images must be a non-empty [N, C, H, W] array, got shape {list(calibration.shape)}")
     model = load_onnx(source)
+    refuse_quantized(model, source)  # hardening (issue 12): before any calibration
     props = {p.key: p.value for p in model.metadata_props}
     input_name = model.graph.input[0].name
 

@@ -13,19 +13,21 @@ import contextlib
 import json
 import pickle
 import zipfile
-from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
-from stn_deploy.train.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from stn_deploy.errors import CheckpointError, StnDeployError, one_line
 from stn_deploy.metadata import LOG_PROBS, THETA, WARPED
-from stn_deploy.train.model import STNClassifier
 from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from stn_deploy.train.model import STNClassifier
+
+from .archive import check_archive
 from .sampling import portable_grid_sampler_decomposition
 from .theta_head import ThetaHead, find_theta_head
 
@@ -123,16 +125,18 @@ def load_source(
     *,
     preprocessing: Preprocessing | dict[str, Any] | None = None,
     class_names: list[str] | None = None,
+    trust_archive: bool = False,
 ) -> ExportSource:
     """A checkpoint (.pt) or a torch.export archive (.pt2); a bad file is a one-line error.
 
     ``preprocessing`` and ``class_names`` apply to archives only (a checkpoint carries its own).
     For an archive, ``preprocessing`` may be a full :class:`Preprocessing` or a dict of some of
     its fields; the rest default from the program's input shape (mean/std 0.5).
+    ``trust_archive`` skips :func:`.archive.check_archive` (pickles are refused either way).
     """
     path = Path(path)
     if path.suffix in ARCHIVE_SUFFIXES:
-        return _load_archive(path, preprocessing, class_names)
+        return _load_archive(path, preprocessing, class_names, trust_archive)
     ckpt = load_checkpoint(path)
     ckpt.build_model()  # a state_dict that does not fit its config fails here, before any export
     cfg = ckpt.config
@@ -163,7 +167,7 @@ def load_source(
 
 
 def _load_archive(
-    path: Path, preprocessing: Preprocessing | dict | None, class_names: list[str] | None
+    path: Path, preprocessing: Preprocessing | dict | None, class_names: list[str] | None, trust_archive: bool = False
 ) -> ExportSource:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -171,6 +175,10 @@ def _load_archive(
         raise CheckpointError(f"{path}: is a directory, not a torch.export archive")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a torch.export archive (not a zip file)")
+    # -- hardening (issue 12): torch.export.load and program.module() run archive text as code
+    if not trust_archive:
+        check_archive(path)  # before torch reads any of it
+    # -- end hardening
     try:
         with _no_code_from_pickles():
             program = torch.export.load(path)

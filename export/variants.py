@@ -23,7 +23,14 @@ from stn_deploy.train.data import BUILTIN_DATASETS, Samples, load_image_samples
 
 from .checks import load_onnx
 from .precision import convert_fp16
-from .quantize import CONFIGS, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_EVAL_SAMPLES, FAST_CPU, quantize_int8
+from .quantize import (
+    CONFIGS,
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_EVAL_SAMPLES,
+    FAST_CPU,
+    quantize_int8,
+    refuse_quantized,
+)
 
 
 def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
@@ -36,6 +43,7 @@ def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
     precision = meta.props.get(md.PRECISION, "fp32")
     if precision != "fp32":
         raise ModelFileError(f"{path}: precision {precision}, not fp32; variants are derived from the fp32 export")
+    refuse_quantized(model, path)  # hardening (issue 12): whatever the metadata claims, at once
     return meta.preprocessing, meta.class_names, meta.props.get(md.DATASET, "")
 
 

@@ -4,34 +4,80 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
 
-from .errors import StnDeployError
+from .cells import json_safe
+from .errors import StnDeployError, clip
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def report_errors(fn: F) -> F:
-    """Turn :class:`StnDeployError` (and a few OS errors) into ``Error: <message>`` and an exit code.
+# -- hardening (issue 12): SIGTERM is handled like Ctrl-C ---------------------------------------
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
+ERROR_MESSAGE_LIMIT = 1000  # characters of one error line; a message quoting a huge value is cut
 
-    Everything else is a bug and keeps its traceback.
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so the same ``finally``/``with`` blocks run as on
+    Ctrl-C: :func:`stn_deploy.fileio.atomic_path` removes its temporary file and the old output
+    stays. A KeyboardInterrupt subclass, so code that cleans up on Ctrl-C cleans up here too."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the block runs (main thread only), SIGTERM raises :class:`Terminated`; further
+    SIGTERMs are ignored so the clean-up it starts can finish (SIGKILL still ends the process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error_line(text: str) -> str:
+    return clip(text, ERROR_MESSAGE_LIMIT)
+# -- end hardening
+
+
+def report_errors(fn: F) -> F:
+    """Turn :class:`StnDeployError` and OS errors into ``Error: <message>`` and an exit code.
+
+    Exit codes: the error's ``exit_code`` (1 unless the class says otherwise), 1 for an OS error
+    (named by its file: ENOSPC, EROFS, ENAMETOOLONG, ...), 130 for Ctrl-C and 143 for SIGTERM
+    (the temporary output removed, the old output kept). Everything else is a bug and keeps its
+    traceback.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with sigterm_raises():
+                return fn(*args, **kwargs)
         except StnDeployError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_error_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
-        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+            click.echo(f"Error: {_error_line(f'{where}{exc.strerror or exc}')}", err=True)
             sys.exit(1)
+        except Terminated:
+            click.echo("Terminated.", err=True)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
@@ -63,8 +109,12 @@ STREAMS = StreamsType()
 
 
 def to_json(obj: Any) -> str:
-    """Pretty, stable JSON for reports (numpy scalars and paths included)."""
-    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    """Pretty, stable JSON for reports (numpy scalars and paths included).
+
+    Strict JSON: a missing or non-finite number (NaN, ±Infinity) is written as ``null``
+    (:func:`stn_deploy.cells.json_safe`), never as a bare ``NaN`` that strict parsers reject.
+    """
+    return json.dumps(json_safe(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
 
 
 def _json_default(obj: Any) -> Any:
@@ -72,11 +122,11 @@ def _json_default(obj: Any) -> Any:
         import numpy as np
 
         if isinstance(obj, np.generic):
-            return obj.item()
+            return json_safe(obj.item())
         if isinstance(obj, np.ndarray):
-            return obj.tolist()
+            return json_safe(obj.tolist())
     except ImportError:  # pragma: no cover
         pass
     if hasattr(obj, "__fspath__"):
-        return str(obj)
+        return json_safe(str(obj))
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")

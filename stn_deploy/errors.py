@@ -4,8 +4,23 @@ from __future__ import annotations
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``"TypeName: message"`` with the message's whitespace collapsed and cut at ``limit`` characters."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+    """``"TypeName: message"`` with the message's whitespace collapsed and cut at ``limit`` characters
+    (a cut message ends in ``…``)."""
+    return f"{type(exc).__name__}: {clip(str(exc), limit)}"
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters with ``…``: how an error quotes a
+    value it was given, which may be a 10 MB string or a million-element list."""
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+        return f"{type(value).__name__} of {len(value)} items"  # never repr a huge container
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace collapsed), cut to ``limit`` characters with ``…``."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
 
 
 class StnDeployError(Exception):
@@ -23,6 +38,14 @@ class CheckpointError(StnDeployError):
 
 class ModelFileError(StnDeployError):
     """An ONNX file that cannot be loaded or lacks the metadata stn-deploy needs."""
+
+
+class MetadataError(ModelFileError, ValueError):
+    """Missing or malformed stn-deploy metadata in an ONNX file (a ValueError too, for older callers)."""
+
+
+class PreprocessingError(StnDeployError, ValueError):
+    """A preprocessing field of the wrong type, not finite, or out of range (a ValueError too)."""
 
 
 class ExportCheckError(StnDeployError):

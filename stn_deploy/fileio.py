@@ -1,38 +1,114 @@
-"""Atomic file output: a reader sees either the old file, the complete new file, or nothing."""
+"""Atomic file output: a reader sees either the old file, the complete new file, or nothing.
+
+Only a regular file (or a new path) is replaced. ``-o`` naming anything else is written the
+way a plain ``open()`` would write it, never turned into a regular file:
+
+* a character or block device or a FIFO (``/dev/null``, ``/dev/stdout``, a named pipe) gets the
+  finished bytes written *through* it once the block succeeds (a FIFO waits for a reader, as
+  with any program); the temporary file then lives in the system's temporary directory;
+* a symlink is followed: its final target is replaced atomically and the link stays a link
+  pointing at it (as ``open()`` writes through a link; replacing the link with a regular file
+  would silently cut it from the file it names);
+* a socket is refused.
+
+Temporary files are named ``.<name>.<random>.partial`` so that no tool takes an interrupted
+one for a model, a checkpoint or a predictions file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+PARTIAL_SUFFIX = ".partial"
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+    """Yield a temporary path; when the block succeeds, its file becomes ``path``'s content.
 
-    The temporary file lives in the destination directory so the final ``os.replace`` is a
-    rename on one file system; the file and then the directory are synced, so that after a
-    power loss ``path`` is the old file or the new one, never a truncated one. On any exception
-    the temporary file is removed and ``path`` is left untouched.
+    For a regular file the temporary file lives in the destination directory so the final
+    ``os.replace`` is a rename on one file system; the file and then the directory are synced,
+    so that after a power loss ``path`` is the old file or the new one, never a truncated one.
+    A device or FIFO gets the bytes written through it instead, and a symlink's target is
+    replaced (module docstring). On any exception the temporary file is removed and ``path``
+    is left untouched.
     """
     path = Path(path)
-    tmp = _temporary_beside(path)
+    dest = _destination(path)
+    special = _special_kind(dest, path) is not None
+    tmp = _temporary_in(Path(tempfile.gettempdir()), dest, shown=path) if special else _temporary_beside(dest)
     try:
         yield tmp
-        _fsync(tmp)  # the data is on disk before the rename can be
-        os.replace(tmp, path)
-        _fsync(path.parent)  # and so is the rename
+        if special:
+            _write_through(tmp, dest, shown=path)
+        else:
+            _fsync(tmp)  # the data is on disk before the rename can be
+            os.replace(tmp, dest)
+            _fsync(dest.parent)  # and so is the rename
+    except OSError as exc:
+        # A full disk or quota while the block wrote the temporary file (a stream's flush and
+        # fsync carry no file name), or a failed rename of it: the error names the user's path.
+        unnamed = exc.filename is None and exc.errno in _WRITE_ERRNOS
+        if unnamed or (exc.filename is not None and os.fsdecode(exc.filename) == str(tmp)):
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise now the error :func:`atomic_path` would raise for ``path`` at the end of a long job."""
-    _temporary_beside(Path(path)).unlink()
+    path = Path(path)
+    dest = _destination(path)
+    if _special_kind(dest, path) is not None:
+        if not os.access(dest, os.W_OK):  # never opened here: opening a FIFO waits for a reader
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return
+    _temporary_beside(dest).unlink()
+
+
+def is_partial(path: str | os.PathLike[str]) -> bool:
+    """True for a name :func:`atomic_path` gives its temporary files (``.<name>.<random>.partial``)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
+def _destination(path: Path) -> Path:
+    """The file a plain ``open(path, "w")`` would write: a symlink's final target, else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _special_kind(dest: Path, shown: Path) -> str | None:
+    """``"device"``/``"fifo"`` for what is written through; None for a regular file or a new path."""
+    try:
+        mode = os.stat(dest).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        raise OSError(errno.EINVAL, "is a socket; write to a file, a FIFO or a device", str(shown))
+    return None  # a regular file, or a directory (refused by _temporary_beside)
+
+
+def _write_through(tmp: Path, dest: Path, *, shown: Path) -> None:
+    """Copy the finished temporary file into the device or FIFO ``dest``; errors name ``shown``."""
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_NOCTTY)
+        with open(tmp, "rb") as src, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except OSError as exc:  # ENOSPC from /dev/full, EPIPE from a FIFO whose reader left, ...
+        raise type(exc)(exc.errno, exc.strerror, str(shown)) from None
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -43,10 +119,24 @@ def _temporary_beside(path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise NotADirectoryError(errno.ENOTDIR, "a part of this path is a file, not a directory", str(path.parent)) from None
+    # The temporary's name is cut short, so a name the file system cannot hold is refused here,
+    # not by the rename at the end of the job.
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(path.name)) > name_max:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
+    return _temporary_in(path.parent, path, shown=path)
+
+
+def _temporary_in(directory: Path, path: Path, *, shown: Path) -> Path:
+    """``.<name>.<random>.partial`` in ``directory``, with the permissions a plain open() gives."""
+    try:
+        # The name never ends in .onnx/.pt/.csv: an interrupted one is not taken for a model.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=PARTIAL_SUFFIX, dir=directory)
     except OSError as exc:  # name the user's path, not the hidden temporary file
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        raise type(exc)(exc.errno, exc.strerror, str(shown)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates the file 0600; give the result the permissions a plain open() would.

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import MetadataError, clip, shorten
 from .preprocessing import Preprocessing
 
 PRODUCER_NAME = "stn-deploy"
@@ -49,19 +50,28 @@ class ModelMetadata:
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> ModelMetadata:
-        """Parse ``metadata_props`` (a plain dict); a missing or bad key is a ValueError naming it."""
+        """Parse ``metadata_props`` (a plain dict); a missing or bad key is a one-line
+        :class:`~stn_deploy.errors.MetadataError` (a ModelFileError and a ValueError) naming it."""
+        # -- hardening (issue 12): any value is a result or a MetadataError, never another exception
+        if not isinstance(props, dict):
+            raise MetadataError(f"{source}: metadata must be a mapping of strings, got {shorten(props)}")
         try:
             pre = Preprocessing.from_json(props[PREPROCESSING])
         except KeyError:
-            raise ValueError(f"{source}: no '{PREPROCESSING}' metadata (not exported by stn-export?)") from None
+            raise MetadataError(f"{source}: no '{PREPROCESSING}' metadata (not exported by stn-export?)") from None
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{source}: bad '{PREPROCESSING}' metadata ({exc})") from None
+            raise MetadataError(f"{source}: bad '{PREPROCESSING}' metadata ({exc})") from None
         try:
-            names = json.loads(props[CLASS_NAMES])
+            text = props[CLASS_NAMES]
+            names = json.loads(text) if isinstance(text, (str, bytes, bytearray)) else text
         except KeyError:
-            raise ValueError(f"{source}: no '{CLASS_NAMES}' metadata") from None
-        except ValueError as exc:
-            raise ValueError(f"{source}: bad '{CLASS_NAMES}' metadata ({exc})") from None
-        if not isinstance(names, list):
-            raise ValueError(f"{source}: bad '{CLASS_NAMES}' metadata (a JSON list of names, got {type(names).__name__})")
-        return cls(preprocessing=pre, class_names=[str(n) for n in names], props=dict(props))
+            raise MetadataError(f"{source}: no '{CLASS_NAMES}' metadata") from None
+        except (ValueError, RecursionError) as exc:
+            detail = f"{type(exc).__name__}: {clip(str(exc), 120)}"
+            raise MetadataError(f"{source}: bad '{CLASS_NAMES}' metadata ({detail})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise MetadataError(
+                f"{source}: bad '{CLASS_NAMES}' metadata (a JSON list of strings, got {shorten(names)})"
+            )
+        return cls(preprocessing=pre, class_names=list(names), props=dict(props))
+        # -- end hardening

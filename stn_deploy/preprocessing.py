@@ -17,8 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from . import fields
+from .errors import PreprocessingError, clip, shorten
+
 CHANNEL_ORDERS = {"RGB": 3, "L": 1}
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST, "bicubic": Image.Resampling.BICUBIC}
+
+
+# Bounds on what a checkpoint or ONNX file may ask for. A side of 4096 px is already a 201 MB
+# float32 input per RGB image; nothing this toolkit trains comes near it. mean/std: pixels are
+# scaled to [0, 1] first, so normalized values stay within (1 + 1000) / 1e-6 ~ 1e9, finite in
+# float32 (a std of 1e-300 is 0 there and makes every confidence NaN).
+MAX_IMAGE_SIDE = 4096
+MAX_MEAN_STD = 1000.0
+MIN_STD = 1e-6
 
 
 @dataclass(frozen=True)
@@ -37,20 +49,40 @@ class Preprocessing:
     resample: str = "bilinear"
 
     def __post_init__(self) -> None:
-        if self.channel_order not in CHANNEL_ORDERS:
-            raise ValueError(f"channel_order must be one of {sorted(CHANNEL_ORDERS)}, got {self.channel_order!r}")
-        n = CHANNEL_ORDERS[self.channel_order]
-        if len(self.mean) != n or len(self.std) != n:
-            raise ValueError(f"mean/std need {n} values for channel_order {self.channel_order!r}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
-        if self.resample not in RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
-        if len(self.image_size) != 2 or any(int(v) <= 0 for v in self.image_size):
-            raise ValueError(f"image_size must be two positive ints (height, width), got {list(self.image_size)}")
-        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        # -- hardening (issue 12): every field from a file is checked for type, finiteness and
+        # range; a bad one is a one-line PreprocessingError naming it (never a silent
+        # conversion: tuple("123") would be ('1', '2', '3'), and a NaN or 1e-300 std labels
+        # every image with confidence nan).
+        err = PreprocessingError
+        order = fields.string(self.channel_order, "channel_order", choices=sorted(CHANNEL_ORDERS), error=err)
+        fields.string(self.resample, "resample", choices=sorted(RESAMPLE), error=err)
+        size = self.image_size
+        if isinstance(size, (str, bytes, dict)) or not isinstance(size, Sequence) or len(size) != 2:
+            raise err(f"image_size must be two positive ints (height, width), got {shorten(size)}")
+        size = [
+            fields.integer(v, f"image_size[{i}]", low=1, high=MAX_IMAGE_SIDE, error=err) for i, v in enumerate(size)
+        ]
+        n = CHANNEL_ORDERS[order]
+        mean = [
+            fields.real(v, f"mean[{i}]", low=-MAX_MEAN_STD, high=MAX_MEAN_STD, float32=True, error=err)
+            for i, v in enumerate(self._per_channel(self.mean, "mean", n, order))
+        ]
+        std = [
+            fields.real(v, f"std[{i}]", low=MIN_STD, high=MAX_MEAN_STD, float32=True, error=err)
+            for i, v in enumerate(self._per_channel(self.std, "std", n, order))
+        ]
+        object.__setattr__(self, "image_size", tuple(size))
+        object.__setattr__(self, "mean", tuple(mean))
+        object.__setattr__(self, "std", tuple(std))
+        # -- end hardening
+
+    @staticmethod
+    def _per_channel(values: object, name: str, n: int, order: str) -> list:
+        """``values`` as a list of ``n`` items (a str, a dict or a scalar is refused, not split)."""
+        items = fields.sequence(values, name, error=PreprocessingError)
+        if len(items) != n:
+            raise PreprocessingError(f"mean/std need {n} values for channel_order {order!r}, {name} has {len(items)}")
+        return items
 
     @property
     def channels(self) -> int:
@@ -71,22 +103,27 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+        """From a checkpoint's or the ONNX metadata's dict; anything malformed is a PreprocessingError."""
+        fields.mapping(d, "preprocessing", error=PreprocessingError)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
         if unknown:
-            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
-        kw = dict(d)
-        for key in ("image_size", "mean", "std"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
+            raise PreprocessingError(f"unknown preprocessing keys: {shorten(sorted(map(str, unknown)))}")
+        return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:
-        return cls.from_dict(json.loads(text))
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise PreprocessingError(f"preprocessing must be JSON text, got {shorten(text)}")
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, nesting
+            detail = f"{type(exc).__name__}: {clip(str(exc), 120)}"
+            raise PreprocessingError(f"preprocessing is not JSON ({detail})") from None
+        return cls.from_dict(d)
 
     # -- the transform itself ---------------------------------------------------------------
     def convert(self, image: Image.Image) -> Image.Image:

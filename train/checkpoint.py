@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from stn_deploy import __version__
-from stn_deploy.errors import CheckpointError
+from stn_deploy import __version__, fields
+from stn_deploy.errors import CheckpointError, clip
 from stn_deploy.fileio import atomic_path
-from .model import STNClassifier, STNConfig
 from stn_deploy.preprocessing import Preprocessing
+
+from .model import STNClassifier, STNConfig
 
 FORMAT = "stn-deploy-checkpoint"
 FORMAT_VERSION = 1
@@ -129,10 +130,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         config = STNConfig.from_dict(payload["config"])
         preprocessing = Preprocessing.from_dict(payload["preprocessing"])
         state_dict = payload["state_dict"]
-        class_names = [str(c) for c in payload["class_names"]]
-        metrics, recorded_versions, train_state = (dict(payload.get(k, {})) for k in ("metrics", "versions", "train_state"))
+        # -- hardening (issue 12): names are a list of strings ("abc" is not three classes), the
+        # other fields are mappings, and the dataset a string
+        class_names = [fields.string(c, "class name") for c in fields.sequence(payload["class_names"], "class_names")]
+        metrics, recorded_versions, train_state = (
+            dict(fields.mapping(payload.get(k, {}), k)) for k in ("metrics", "versions", "train_state")
+        )
+        dataset = fields.string(payload.get("dataset", "unknown"), "dataset")
+        # -- end hardening
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(exc).__name__}: {clip(str(exc))})") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: malformed checkpoint (state_dict is not a mapping of tensors)")
     if len(class_names) != config.num_classes:
@@ -144,7 +151,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         state_dict=state_dict,
         class_names=class_names,
         preprocessing=preprocessing,
-        dataset=str(payload.get("dataset", "unknown")),
+        dataset=dataset,
         metrics=metrics,
         versions=recorded_versions,
         train_state=train_state,

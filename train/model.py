@@ -29,7 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stn_deploy import fields
+from stn_deploy.errors import shorten
+
 ARCHS = ("stn", "cnn")
+# Bounds on a config read from a checkpoint (hardening, issue 12). The weights are allocated
+# before the checkpoint's tensors are compared with them, and fc1 and fc_loc grow with
+# image_size²: the reference layers at image_size 2,000 would ask for 65 GB of float32
+# weights, at 10**6 for 16 PB. So: at most 2**28 parameters (1 GiB of float32 weights; the
+# reference model has 1.6 M), an image_size of at most 1024 (a small-image classifier; with the
+# reference layers the parameter limit already stops it at 269 px), layer widths and kernels of
+# at most 65,536.
+MAX_PARAMETERS = 1 << 28
+MAX_IMAGE_SIZE = 1024
+MAX_WIDTH = 1 << 16
 
 # Sampler signature: (images [N,C,H,W], grid [N,H,W,2], align_corners) -> warped images.
 GridSampler = Callable[[Tensor, Tensor, bool], Tensor]
@@ -61,13 +74,41 @@ class STNConfig:
     align_corners: bool = False
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
-        object.__setattr__(self, "loc_channels", tuple(self.loc_channels))
-        object.__setattr__(self, "loc_kernels", tuple(self.loc_kernels))
+        # -- hardening (issue 12): a config read from a checkpoint decides how much memory
+        # build_model allocates, so every field is type- and range-checked (ValueError naming it;
+        # load_checkpoint turns it into a one-line CheckpointError) before anything is built.
+        fields.string(self.arch, "arch", choices=ARCHS)
+        for name in ("in_channels", "num_classes", "conv_kernel", "fc_hidden", "loc_hidden"):
+            fields.integer(getattr(self, name), name, low=1, high=MAX_WIDTH)
+        fields.integer(self.image_size, "image_size", low=1, high=MAX_IMAGE_SIZE)
+        for name in ("conv_channels", "loc_channels", "loc_kernels"):
+            values = fields.sequence(getattr(self, name), name, length=2)
+            object.__setattr__(self, name, tuple(fields.integer(v, f"{name}[{i}]", low=1, high=MAX_WIDTH)
+                                                 for i, v in enumerate(values)))
+        fields.real(self.dropout, "dropout", low=0.0, high=1.0)
+        if not isinstance(self.align_corners, bool):
+            raise ValueError(f"align_corners must be true or false, got {shorten(self.align_corners)}")
         if self.classifier_features <= 0 or (self.arch == "stn" and self.localization_features <= 0):
             raise ValueError(f"image_size {self.image_size} is too small for these kernels")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise ValueError(
+                f"image_size {self.image_size} with these layer widths needs {self.parameter_count():,} parameters "
+                f"(limit {MAX_PARAMETERS:,}, {MAX_PARAMETERS * 4 >> 30} GiB of float32 weights)"
+            )
+        # -- end hardening
+
+    def parameter_count(self) -> int:
+        """Weights and biases of the model this config builds (exact; no torch needed)."""
+        c1, c2 = self.conv_channels
+        k = self.conv_kernel
+        count = c1 * (self.in_channels * k * k + 1) + c2 * (c1 * k * k + 1)
+        count += self.fc_hidden * (self.classifier_features + 1) + self.num_classes * (self.fc_hidden + 1)
+        if self.arch == "stn":
+            l1, l2 = self.loc_channels
+            k1, k2 = self.loc_kernels
+            count += l1 * (self.in_channels * k1 * k1 + 1) + l2 * (l1 * k2 * k2 + 1)
+            count += self.loc_hidden * (self.localization_features + 1) + 6 * (self.loc_hidden + 1)
+        return count
 
     @property
     def classifier_spatial(self) -> int:
@@ -90,9 +131,10 @@ class STNConfig:
     @classmethod
     def from_dict(cls, d: dict) -> STNConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        fields.mapping(d, "model config")
+        unknown = [k for k in d if k not in names]
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise ValueError(f"unknown model config keys: {shorten(sorted(map(str, unknown)))}")
         return cls(**d)
 
 

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, versions
-from stn_deploy.errors import CheckpointError, StnDeployError
+from stn_deploy import fields
+from stn_deploy.errors import CheckpointError, StnDeployError, clip, shorten
 from stn_deploy.fileio import check_writable
-from .model import STNClassifier, STNConfig, build_model
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, versions
 from .data import LoadedDataset, load_dataset
+from .model import STNClassifier, STNConfig, build_model
 
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -335,10 +336,82 @@ def read_resume_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(f"{path}: cannot resume, the checkpoint has no training state ({', '.join(missing)})")
-    unknown = set(state["recipe"]) - set(TrainConfig.RECIPE)
-    if unknown:
-        raise CheckpointError(f"{path}: cannot resume, unknown recipe keys {sorted(unknown)}")
+    # -- hardening (issue 12): every field of the state is checked before training starts
+    try:
+        _check_resume_state(state)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot resume, malformed training state ({clip(str(exc))})") from None
+    # -- end hardening
     return state
+
+
+# -- hardening (issue 12) -----------------------------------------------------------------------
+# The recipe fields a resumed run reads, with the checks --resume applies (the CLI's own ranges).
+_RECIPE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "dataset": lambda v, n: fields.string(v, n),
+    "arch": lambda v, n: fields.string(v, n, choices=("stn", "cnn")),
+    "batch_size": lambda v, n: fields.integer(v, n, low=1, high=1 << 20),
+    "lr": lambda v, n: fields.real(v, n, low=0.0, low_open=True, high=1e3),
+    "optimizer": lambda v, n: fields.string(v, n, choices=OPTIMIZERS),
+    "warmup": lambda v, n: fields.real(v, n, low=0.0, high=1.0),
+    "loc_lr_scale": lambda v, n: fields.real(v, n, low=0.0, high=1e3),
+    "clip_grad": lambda v, n: fields.real(v, n, low=0.0, high=1e6),
+    "label_smoothing": lambda v, n: fields.real(v, n, low=0.0, high=1.0),
+    # seed * 1_000_033 + epoch seeds torch each epoch; it must stay a 64-bit integer
+    "seed": lambda v, n: fields.integer(v, n, low=-(1 << 40), high=1 << 40),
+}
+_OPTIMIZER_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def _check_resume_state(state: dict[str, Any]) -> None:
+    """Raise ValueError/TypeError naming the first field of ``state`` that a resumed run could not use."""
+    recipe = fields.mapping(state["recipe"], "recipe")
+    unknown = [k for k in recipe if k not in TrainConfig.RECIPE]
+    if unknown:
+        raise ValueError(f"unknown recipe keys {shorten(sorted(map(str, unknown)))}")
+    for key, value in recipe.items():
+        _RECIPE_CHECKS[key](value, f"recipe {key}")
+    epoch = fields.integer(state["epoch"], "epoch", low=0, high=1 << 20)
+    if "epochs" in state:
+        fields.integer(state["epochs"], "epochs", low=1, high=1 << 20)
+    fields.real(state["best_accuracy"], "best_accuracy", low=-1.0, high=1.0)
+    fields.integer(state["best_epoch"], "best_epoch", low=0, high=epoch)
+    fields.real(state["seconds"], "seconds", low=0.0)
+    history = fields.sequence(state["history"], "history")
+    if len(history) != epoch:
+        raise ValueError(f"history has {len(history)} epochs, the state says {epoch}")
+    names = [f.name for f in dataclasses.fields(EpochStats)]
+    for i, h in enumerate(history):
+        if not isinstance(h, dict) or sorted(h) != sorted(names):
+            raise ValueError(f"history[{i}] must have the fields {', '.join(names)}, got {shorten(h)}")
+        for key, value in h.items():  # a diverged run's NaN loss is a number too
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"history[{i}].{key} must be a number, got {shorten(value)}")
+
+    # The weights and the optimizer state must fit the model the recorded config builds.
+    model = build_model(STNConfig.from_dict(state["model_config"]))
+    for key in ("last_state_dict", "best_state_dict"):
+        weights = fields.mapping(state[key], key)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{key} does not fit the model config ({clip(str(exc), 200)})") from None
+    optimizer_state = fields.mapping(state["optimizer"], "optimizer")
+    optimizer = make_optimizer(model, recipe.get("optimizer", "adam"), 1e-3, recipe.get("loc_lr_scale", 1.0))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        detail = f"{type(exc).__name__}: {clip(str(exc), 200)}"
+        raise ValueError(f"optimizer state does not fit the model ({detail})") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for buffer, value in optimizer.state.get(param, {}).items():
+                if buffer in _OPTIMIZER_BUFFERS and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
+                    shape = list(value.shape) if isinstance(value, torch.Tensor) else shorten(value)
+                    raise ValueError(
+                        f"optimizer {buffer} of shape {shape} for a parameter of shape {list(param.shape)}"
+                    )
+# -- end hardening
 
 
 def _progress(loader: DataLoader, desc: str, *, enabled: bool):

@@ -40,6 +40,9 @@ extension (.csv / .jsonl) or --format. Without --output the rows go to stdout as
 path, label, index, confidence, top1_label, top1_prob, ... topK_*, theta_0..theta_5 (when the
 model outputs theta), log_prob_<class> (with --log-probs), error (empty when the file
 was classified). A file is written atomically (a temporary file moved into place at the end).
+A missing or non-finite number is an empty CSV cell and JSON null (never NaN). A CSV text cell
+(path, label, error) that a spreadsheet would run as a formula (starting with = + - @, a tab or
+a carriage return) or that starts with an apostrophe gets a leading apostrophe; numbers never do.
 
 \b
 Bad files (corrupt, truncated, empty, not an image, over --max-pixels) get a row with the error

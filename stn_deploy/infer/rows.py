@@ -9,7 +9,6 @@ atomically.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from stn_deploy import cells  # hardening (issue 12)
 from stn_deploy import metadata as md
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import atomic_path
@@ -93,6 +93,11 @@ def predictions_for(
 class RowWriter:
     """Streams predictions as CSV or JSON Lines to an open text file."""
 
+    # -- hardening (issue 12): every cell goes through stn_deploy.cells (docs/hardening.md):
+    # missing or non-finite numbers are empty cells / JSON null (never a bare NaN), text is
+    # UTF-8-safe, CSV text cells a spreadsheet would run as formulas get a leading apostrophe,
+    # and records are quoted as RFC 4180 says (cells.csv_line: a \r in a file name splits a
+    # row written by Python 3.11's csv.writer).
     def __init__(self, stream: IO[str], fmt: str, *, top_k: int, class_names: Sequence[str], theta: bool, log_probs: bool) -> None:
         self.stream = stream
         self.fmt = fmt
@@ -101,8 +106,7 @@ class RowWriter:
         self.log_probs = log_probs
         self.class_names = list(class_names)
         if fmt == "csv":
-            self._csv = csv.writer(stream, lineterminator="\n")
-            self._csv.writerow(self.columns())
+            stream.write(cells.csv_line([cells.csv_text(c) for c in self.columns()]))
 
     def columns(self) -> list[str]:
         cols = ["path", "label", "index", "confidence"]
@@ -119,16 +123,19 @@ class RowWriter:
         if self.fmt == "csv":
             out = []
             for r in rows:
-                line: list[Any] = [r.path, r.label or "", "" if r.index is None else r.index, "" if r.confidence is None else r.confidence]
+                line: list[str] = [cells.csv_text(r.path), "" if r.label is None else cells.csv_text(r.label),
+                                   cells.csv_number(r.index), cells.csv_number(r.confidence)]
                 for i in range(self.k):
-                    line += list(r.top_k[i]) if i < len(r.top_k) else ["", ""]
+                    top = r.top_k[i] if i < len(r.top_k) else None
+                    line += [cells.csv_text(top[0]), cells.csv_number(top[1])] if top is not None else ["", ""]
                 if self.theta:
-                    line += r.theta if r.theta is not None else [""] * 6
+                    line += [cells.csv_number(v) for v in (r.theta if r.theta is not None else [None] * 6)]
                 if self.log_probs:
-                    line += r.log_probs if r.log_probs is not None else [""] * len(self.class_names)
-                line.append(r.error or "")
-                out.append(line)
-            self._csv.writerows(out)
+                    values = r.log_probs if r.log_probs is not None else [None] * len(self.class_names)
+                    line += [cells.csv_number(v) for v in values]
+                line.append(cells.csv_text(r.error) if r.error else "")
+                out.append(cells.csv_line(line))
+            self.stream.write("".join(out))
         else:
             for r in rows:
                 obj: dict[str, Any] = {"path": r.path, "label": r.label, "index": r.index, "confidence": r.confidence,
@@ -138,7 +145,8 @@ class RowWriter:
                 if self.log_probs:
                     obj["log_probs"] = r.log_probs
                 obj["error"] = r.error
-                self.stream.write(json.dumps(obj) + "\n")
+                self.stream.write(json.dumps(cells.json_safe(obj), allow_nan=False) + "\n")
+    # -- end hardening
 
 
 @contextlib.contextmanager
