@@ -426,7 +426,15 @@ def quantize_int8(
         try:
             if config.pre_process:
                 processed = tmp / "preprocessed.onnx"
-                quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
+                try:
+                    quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
+                except Exception as exc:  # noqa: BLE001
+                    # onnxruntime 1.30's symbolic shape inference gives up on the portable target's
+                    # standard-op sampler ("Incomplete symbolic shape inference"; 1.32's does not):
+                    # ONNX's own shape inference, which quant_pre_process runs as well, is enough.
+                    if "symbolic shape" not in str(exc).lower():
+                        raise
+                    quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=True)
                 prepared = processed
             quantize_static(
                 str(prepared),
