@@ -104,7 +104,7 @@ step() {
         # the last line that names an error, else the last line with words in it
         note=$(grep -E '[A-Za-z]{3}' "$slog" | grep -v '^== \[' | grep -iE 'error|fail|refus|denied' | tail -n 1)
         [[ -z $note ]] && note=$(grep -E '[A-Za-z]{3}' "$slog" | grep -v '^== \[' | tail -n 1)
-        note=$(echo "$note" | sed -E 's/\x1b\[[0-9;]*m//g; s/^[0-9-]+ [0-9:.]+ \[[A-Z]:onnxruntime:[^]]*\] //' | cut -c1-200 | tr -d '|')
+        note=$(echo "$note" | sed -E 's/\x1b\[[0-9;]*m//g; s/^[0-9-]+ [0-9:.]+ \[[A-Z]:onnxruntime:[^]]*\] //' | cut -c1-150 | tr -d '|')
     fi
     [[ $name == provider-* && $rc == 3 ]] && status=skipped && note="provider refused (see probes)"
     record "$name" "$status" "$rc" "$sec" "$note"
@@ -121,7 +121,8 @@ bg() {
     local name=$1
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
     BG_NAMES+=("$name")
-    STEP_LOG="$WORK/logs/$name.log" step "$@" &
+    # torch's CPU threads shared out between the jobs (six exports of 16 threads each would oversubscribe)
+    (export OMP_NUM_THREADS=$((NPROC / JOBS > 0 ? NPROC / JOBS : 1)); STEP_LOG="$WORK/logs/$name.log" step "$@") &
 }
 join() {
     wait
@@ -273,9 +274,11 @@ bg export-cuda-opt 200 --out "$WORK/export-cuda-opt.json" stn-export "$CKPT" --t
 bg export-portable-opt 200 --out "$WORK/export-portable-opt.json" stn-export "$CKPT" --target portable --optimize -o "$MODELS/stn.portable.opt.onnx" "${EXPORT[@]}"
 join
 refresh
-for m in stn.cuda stn.cuda.opt stn; do # fp16 variants, derived from the fp32 files (checked on CUDA where it runs)
+# fp16 variants, derived from the fp32 files (stn-export checks them on CUDA where it runs)
+for pair in cuda:stn.cuda cuda-opt:stn.cuda.opt ort:stn; do
+    tag=${pair%%:*} m=${pair#*:}
     [[ -f $MODELS/$m.onnx ]] || continue
-    bg "export-fp16-${m#stn}" 200 --out "$WORK/export-fp16${m#stn}.json" stn-export "$MODELS/$m.onnx" --precision fp16 --json -q
+    bg "export-fp16-$tag" 200 --out "$WORK/export-fp16-$tag.json" stn-export "$MODELS/$m.onnx" --precision fp16 --json -q
 done
 join
 refresh
@@ -301,10 +304,11 @@ refresh
 
 # -- 8. stn-infer --strict-placement on 200 sample images -------------------------------------------
 step samples 90 "$PY" -m stn_deploy.train.samples --dataset digits --count 200 --no-progress "$WORK/samples"
-for m in stn.cuda stn; do
+for pair in cuda:stn.cuda ort:stn; do
+    tag=${pair%%:*} m=${pair#*:}
     [[ -f $MODELS/$m.onnx ]] || continue
-    step "infer-${m#stn.}" 90 --out "$WORK/infer-${m}.json" stn-infer "$WORK/samples" --model "$MODELS/$m.onnx" \
-        --provider "$PROVIDER" --strict-placement --output "$WORK/predictions-$m.csv" --json --no-progress
+    step "infer-$tag" 90 --out "$WORK/infer-$tag.json" stn-infer "$WORK/samples" --model "$MODELS/$m.onnx" \
+        --provider "$PROVIDER" --strict-placement --output "$WORK/predictions-$tag.csv" --json --no-progress
 done
 refresh
 
