@@ -23,9 +23,10 @@ if [[ $# -lt 2 || $# -gt 3 ]]; then
     echo "usage: $0 [--dry-run-cpu] WHEEL RESULTS_DIR [CHECKPOINT]" >&2
     exit 2
 fi
-WHEEL=$1
-RES=$2
-CKPT=${3:-}
+abspath() { [[ -z $1 || $1 == /* ]] && echo "$1" || echo "$PWD/$1"; } # the arguments are the caller's paths
+WHEEL=$(abspath "$1")
+RES=$(abspath "$2")
+CKPT=$(abspath "${3:-}")
 EXPECTED_SHA256=05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7
 EXPECTED_VERSION=1.31.1
 PY=${PYTHON:-python3}
@@ -322,7 +323,7 @@ BACKENDS=pytorch-eager-cuda,ort-cuda-fp32
 if [[ -f $BM ]]; then
     FP16=()
     [[ -f $B16 ]] && FP16=(--fp16-model "$B16")
-    step bench 240 --ok "0 3" --out "$WORK/bench.json" stn-bench --model "$BM" --checkpoint "$CKPT" "${FP16[@]}" \
+    step bench 240 --out "$WORK/bench.json" stn-bench --model "$BM" --checkpoint "$CKPT" "${FP16[@]}" \
         --backends "$BACKENDS" --batch-sizes 1,8,64,256,1024 --threads "$NPROC" --warmup 5 \
         --iterations "$ITER" --rounds "$ROUNDS" --settle-ms 20 --rewarm-ms 50 --inputs auto --json --quiet
 else

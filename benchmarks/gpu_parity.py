@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -555,8 +556,6 @@ class CaptureStderr:
         sys.stderr.write(self._text)
 
     def lines(self) -> list[str]:
-        import re
-
         plain = re.sub(r"\x1b\[[0-9;]*m", "", self._text)
         return [" ".join(ln.split())[:800] for ln in plain.splitlines() if ln.strip()]
 
@@ -601,7 +600,9 @@ def cmd_probe_ort(args: argparse.Namespace) -> int:
         if not ok:
             why = next((ln for ln in reversed(info["onnxruntime_log"]) if "Failed to load" in ln), "")
             why = why[why.find("Failed to load") :] if why else "see onnxruntime_log"
-            info["error"] = f"the nodes ran on {', '.join(ran)}, not {want}: {why}"
+            why = re.sub(r"Failed to load library \S*/(\S+) with error: ", r"\1 did not load: ", why)
+            short = ", ".join(r.removesuffix("ExecutionProvider") for r in ran)
+            info["error"] = f"nodes ran on {short}, not {want.removesuffix('ExecutionProvider')}: {why}"
     except Exception as exc:  # noqa: BLE001 - the reason is the result
         info["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:600]
     info["ok"] = ok
