@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -346,3 +347,4 @@ def test_portable_target_keeps_its_standard_op_sampler_in_fp32(tmp_path):
         fed = [producers[i] for i in inputs if i in producers]
         assert not any(f.op_type == "DequantizeLinear" for f in fed), node.name
     assert any(n.op_type == "QLinearConv" or n.op_type == "DequantizeLinear" for n in model.graph.node)  # ... yet convs are int8
+    assert not Path("sym_shape_infer_temp.onnx").exists()  # onnxruntime 1.30's dump when it gives up is removed
