@@ -362,11 +362,15 @@ def check_model(
     onnx_runs: dict[str, dict[str, np.ndarray]] = {
         "session": {k: run_batches(session_fn, v, batches) for k, v in inputs.items()}
     }
-    if provider == "cuda":
-        ieee = raw_session(path, provider, ieee=True)
-        onnx_runs["use_tf32=0"] = {
-            k: run_batches(lambda x: ieee.run(["log_probs"], {"image": x})[0], v, batches) for k, v in inputs.items()
-        }
+    if provider == "cuda":  # the extra sessions are diagnostics: if one cannot run, the rest is still measured
+        try:
+            ieee = raw_session(path, provider, ieee=True)
+            onnx_runs["use_tf32=0"] = {
+                k: run_batches(lambda x: ieee.run(["log_probs"], {"image": x})[0], v, batches)
+                for k, v in inputs.items()
+            }
+        except Exception as exc:  # noqa: BLE001
+            out["use_tf32=0"] = f"failed: {_one_line(exc)}"
 
     # Extreme θ: the same file with the θ head's initializers replaced, on the same provider.
     initializers = {i.name: (tuple(i.dims), i.data_type) for i in model.graph.initializer}
@@ -375,28 +379,15 @@ def check_model(
     if head is None:
         out["extreme_theta"] = "skipped: the θ head's initializers are not in this graph under their PyTorch names"
     elif n_extreme:
-        import torch
-
-        params = dict(refs[0].model.named_parameters())
-        (w_name, w_onnx), (b_name, b_onnx) = head.items()
-        w, b = params[w_name].detach().cpu(), params[b_name].detach().cpu()
-        rng = np.random.default_rng(1)
-        per_probe = max(1, n_extreme // len(THETA_PROBES))
-        probe_batches = tuple(s for s in batches if s < per_probe) + (per_probe,)
-        for i, (s, tx, ty) in enumerate(THETA_PROBES):
-            kind = f"extreme_theta_{i}"
-            shift = torch.tensor([0.0, 0.0, tx, 0.0, 0.0, ty], dtype=b.dtype)
-            w2, b2 = (w * s).contiguous(), (b * s + shift).contiguous()
-            images = rng.standard_normal((per_probe, *inputs["random"].shape[1:]), dtype=np.float32)
-            over_onnx = {w_onnx: w2.numpy().astype(np.float32), b_onnx: b2.numpy().astype(np.float32)}
-            for label, runs in onnx_runs.items():
-                sess = raw_session(path, provider, ieee=label == "use_tf32=0", overrides=over_onnx)
-                runs[kind] = run_batches(
-                    lambda x, sess=sess: sess.run(["log_probs"], {"image": x})[0], images, probe_batches
-                )
-            for r in refs:
-                ref_extra[r.name][kind] = r.run(kind, images, probe_batches, overrides={w_name: w2, b_name: b2})
-        out["extreme_theta"] = f"{len(THETA_PROBES)} probes x {per_probe} inputs"
+        try:
+            out["extreme_theta"] = _extreme_theta(
+                path, provider, refs, head, inputs, batches, n_extreme, onnx_runs, ref_extra
+            )
+        except Exception as exc:  # noqa: BLE001
+            for runs in (*onnx_runs.values(), *ref_extra.values()):
+                for kind in [k for k in runs if k.startswith("extreme_theta")]:
+                    del runs[kind]
+            out["extreme_theta"] = f"failed: {_one_line(exc)}"
 
     comparisons = []
     for label, got in onnx_runs.items():
@@ -411,6 +402,37 @@ def check_model(
     if hasattr(session, "close"):  # Session gains close() in the runtime refactor (issue 11)
         session.close()
     return out
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:limit]
+
+
+def _extreme_theta(path, provider, refs, head, inputs, batches, n_extreme, onnx_runs, ref_extra) -> str:
+    """Run the extreme-θ probes (θ head's initializers replaced) on every ONNX label and reference;
+    adds the ``extreme_theta_<i>`` kinds to ``onnx_runs`` and ``ref_extra`` in place."""
+    import torch
+
+    params = dict(refs[0].model.named_parameters())
+    (w_name, w_onnx), (b_name, b_onnx) = head.items()
+    w, b = params[w_name].detach().cpu(), params[b_name].detach().cpu()
+    rng = np.random.default_rng(1)
+    per_probe = max(1, n_extreme // len(THETA_PROBES))
+    probe_batches = tuple(s for s in batches if s < per_probe) + (per_probe,)
+    for i, (s, tx, ty) in enumerate(THETA_PROBES):
+        kind = f"extreme_theta_{i}"
+        shift = torch.tensor([0.0, 0.0, tx, 0.0, 0.0, ty], dtype=b.dtype)
+        w2, b2 = (w * s).contiguous(), (b * s + shift).contiguous()
+        images = rng.standard_normal((per_probe, *inputs["random"].shape[1:]), dtype=np.float32)
+        over_onnx = {w_onnx: w2.numpy().astype(np.float32), b_onnx: b2.numpy().astype(np.float32)}
+        for label, runs in onnx_runs.items():
+            sess = raw_session(path, provider, ieee=label == "use_tf32=0", overrides=over_onnx)
+            runs[kind] = run_batches(
+                lambda x, sess=sess: sess.run(["log_probs"], {"image": x})[0], images, probe_batches
+            )
+        for r in refs:
+            ref_extra[r.name][kind] = r.run(kind, images, probe_batches, overrides={w_name: w2, b_name: b2})
+    return f"{len(THETA_PROBES)} probes x {per_probe} inputs"
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -474,7 +496,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "reference_errors": ref_errors,
         "models": [],
     }
-    if gpu:
+    if any(r.device == "cuda" for r in refs):
         report["gpu"] = torch.cuda.get_device_name(0)
         report["torch_fp32_math_default"] = fp32_math(torch)
     first = refs[0]
@@ -486,14 +508,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     # torch-cuda vs torch-cpu: how far PyTorch itself moves between devices (context for the rows).
     if len(refs) > 1:
         cpu_out = {k: first.run(k, v, batches) for k, v in inputs.items()}
-        report["torch_devices"] = [
-            {
-                "a": r.name,
-                "b": first.name,
-                **compare_kinds({k: r.run(k, v, batches) for k, v in inputs.items()}, cpu_out, "fp32"),
-            }
-            for r in refs[1:]
-        ]
+        report["torch_devices"] = []
+        for r in list(refs[1:]):
+            try:
+                got = {k: r.run(k, v, batches) for k, v in inputs.items()}
+            except Exception as exc:  # noqa: BLE001 - a GPU reference that cannot run is dropped, not fatal
+                report["reference_errors"][r.name] = _one_line(exc)
+                refs.remove(r)
+                continue
+            report["torch_devices"].append({"a": r.name, "b": first.name, **compare_kinds(got, cpu_out, "fp32")})
+        report["references"] = [r.name for r in refs]
     report["torch_fp32_math_used"] = {r.name: r.math() for r in refs[1:]}
     placement: dict[str, Any] = {}
     for path in args.models:  # the files are rewritten after each model: a run cut short keeps what it did

@@ -243,3 +243,39 @@ def test_session_placement_feeds_the_verdict(gp, exported):
     report = Session(model, "cpu").placement().to_dict()
     v = gp.placement_verdict(report, "cpu")
     assert v["all_compute_on_provider"] and v["cpu_fallback"] == 0 and v["nodes"] == len(report["nodes"])
+
+
+def test_a_failing_diagnostic_session_leaves_the_main_comparison(gp, exported, tmp_path, monkeypatch):
+    """The extreme-θ and use_tf32=0 sessions are extras: if they cannot run, the placement and the
+    user's session against PyTorch are still measured, and the failure is recorded."""
+    ckpt, model = exported
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such provider option")
+
+    monkeypatch.setattr(gp, "raw_session", broken)
+    out = tmp_path / "parity.json"
+    args = ["check", str(model), "--checkpoint", str(ckpt), "--provider", "cpu", "--random", "8",
+            "--dataset-count", "0", "--extreme", "8", "--batches", "1,7", "--json", str(out)]
+    assert gp.main(args) == 0
+    (m,) = json.loads(out.read_text())["models"]
+    assert m["extreme_theta"] == "failed: RuntimeError: no such provider option"
+    (c,) = m["comparisons"]
+    assert set(c["by_kind"]) == {"random"} and c["passed"] and m["placement"]["all_compute_on_provider"]
+
+
+def test_a_gpu_reference_that_cannot_start_is_recorded_and_the_cpu_one_goes_on(gp, exported, tmp_path, monkeypatch):
+    """torch says it has CUDA, but moving the model there fails (no driver here): the CUDA references
+    are recorded as errors, not fatal."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine really has CUDA")
+    ckpt, model = exported
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "parity.json"
+    args = ["check", str(model), "--checkpoint", str(ckpt), "--provider", "cpu", "--random", "8",
+            "--dataset-count", "0", "--extreme", "0", "--batches", "8", "--json", str(out)]
+    assert gp.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["references"] == ["torch-cpu"] and set(report["reference_errors"]) == {"torch-cuda", "torch-cuda-ieee"}
+    assert report["models"][0]["comparisons"][0]["passed"]
