@@ -283,6 +283,24 @@ def _log_probs(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+# Where onnxruntime's symbolic shape inference dumps its partial result (and a <uuid>.data file
+# beside it) when it gives up: the working directory.
+_SYMBOLIC_DUMP = Path("sym_shape_infer_temp.onnx")
+
+
+def _remove_onnx_and_data(path: Path) -> None:
+    """Delete an ONNX file and the external-data files its initializers name."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - nothing there, or not ONNX: leave it
+        return
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and "/" not in entry.value:
+                (path.parent / entry.value).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def _quant_type(name: str):
     from onnxruntime.quantization import QuantType
 
@@ -346,7 +364,18 @@ def quantize_int8(
         try:
             if config.pre_process:
                 processed = tmp / "preprocessed.onnx"
-                quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
+                dump_existed = _SYMBOLIC_DUMP.exists()
+                try:
+                    quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
+                except Exception as exc:  # noqa: BLE001
+                    # onnxruntime 1.30's symbolic shape inference gives up on the portable target's
+                    # standard-op sampler ("Incomplete symbolic shape inference"; 1.32's does not):
+                    # ONNX's own shape inference, which quant_pre_process runs as well, is enough.
+                    if "symbolic shape" not in str(exc).lower():
+                        raise
+                    if not dump_existed:
+                        _remove_onnx_and_data(_SYMBOLIC_DUMP)
+                    quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=True)
                 prepared = processed
             quantize_static(
                 str(prepared),

@@ -328,7 +328,8 @@ def test_model_without_stn_metadata_is_refused(tmp_path):
         [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["N", 3, 32, 32])],
     )
     path = tmp_path / "plain.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    # IR version 10: what onnxruntime 1.30 reads (onnx 1.23's helper defaults to 14)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
     with pytest.raises(ModelFileError, match="no 'stn_deploy.preprocessing' metadata"):
         Session(path, "cpu")
 
