@@ -75,12 +75,13 @@ def test_provider_options_are_built_from_the_config(tmp_path):
     assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path / "trt")
     assert trt["trt_profile_min_shapes"] == "image:1x3x32x32"
     assert trt["trt_profile_max_shapes"] == trt["trt_profile_opt_shapes"] == "image:64x3x32x32"
-    assert chain[CUDA] == {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}
+    assert chain[CUDA] == {"device_id": 1, "use_tf32": 0, "cudnn_conv_algo_search": "HEURISTIC"}
     assert chain[CPU] == {}
     # Defaults: no cache, no fp16, no profile, ORT's own conv search.
     plain = dict(resolve_providers("auto", available=GPU_BUILD))
     assert plain[TENSORRT] == {"device_id": 0, "trt_fp16_enable": False}
-    assert plain[CUDA] == {"device_id": 0}
+    assert plain[CUDA] == {"device_id": 0, "use_tf32": 0}  # fp32 means fp32: TF32 only when asked for
+    assert dict(resolve_providers("cuda", ProviderConfig(cuda_tf32=True), available=GPU_BUILD))[CUDA]["use_tf32"] == 1
     with pytest.raises(ProviderError, match="cuda_conv_algo_search must be one of"):
         ProviderConfig(cuda_conv_algo_search="fastest").cuda_options()
 

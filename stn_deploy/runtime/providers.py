@@ -63,6 +63,11 @@ class ProviderConfig:
     trt_max_batch: int | None = None
     # cuDNN's convolution algorithm search; None keeps ONNX Runtime's default (EXHAUSTIVE).
     cuda_conv_algo_search: str | None = None
+    # TF32 for fp32 convolutions and matmuls on Ampere and later GPUs. ONNX Runtime turns it on by
+    # default; off here, because an fp32 model must compute in fp32: with TF32 the reference digits
+    # model's log-probs moved by up to 3.5e-3 on an H200 and 0.16% of top-1 answers changed, without
+    # it they matched PyTorch's to 4e-6 (benchmarks/GPU.md). True trades that for speed.
+    cuda_tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.device_id < 0:
@@ -98,7 +103,7 @@ class ProviderConfig:
         return opts
 
     def cuda_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"device_id": self.device_id}
+        opts: dict[str, Any] = {"device_id": self.device_id, "use_tf32": int(bool(self.cuda_tf32))}
         if self.cuda_conv_algo_search is not None:
             opts["cudnn_conv_algo_search"] = self.cuda_conv_algo_search.upper()
         return opts
