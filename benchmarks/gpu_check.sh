@@ -317,7 +317,7 @@ refresh
 BM=$MODELS/stn.cuda.opt.onnx
 [[ -f $BM ]] || BM=$MODELS/stn.cuda.onnx
 B16=${BM%.onnx}.fp16.onnx
-BACKENDS=pytorch-eager-cuda,ort-cuda-fp32
+BACKENDS=pytorch-eager-cuda,ort-cuda-fp32,ort-cuda-tf32
 [[ -f $B16 ]] && BACKENDS+=,ort-cuda-fp16
 [[ $PROVIDER == cpu ]] && BACKENDS+=,ort-cpu-fp32
 if [[ -f $BM ]]; then

@@ -448,7 +448,8 @@ def _extreme_theta(path, provider, refs, head, inputs, batches, n_extreme, onnx_
         images = rng.standard_normal((per_probe, *inputs["random"].shape[1:]), dtype=np.float32)
         over_onnx = {w_onnx: w2.numpy().astype(np.float32), b_onnx: b2.numpy().astype(np.float32)}
         for label, runs in onnx_runs.items():
-            sess = raw_session(path, provider, ieee=label == "use_tf32=0", overrides=over_onnx)
+            # "session" stands for stn_deploy's Session, which runs fp32 without TF32 (ProviderConfig)
+            sess = raw_session(path, provider, ieee=label in ("session", "use_tf32=0"), overrides=over_onnx)
             runs[kind] = run_batches(
                 lambda x, sess=sess: sess.run(["log_probs"], {"image": x})[0], images, probe_batches
             )
@@ -714,7 +715,7 @@ def bench_targets(bench: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if ratio is None else ratio >= TARGET_FP16_VS_FP32_256,
         }
     )
-    b1 = [(name, rows[(name, 1)]["p50_ms"]) for name in ("ort-cuda-fp32", "ort-cuda-fp16") if (name, 1) in rows]
+    b1 = [(name, rows[(name, 1)]["p50_ms"]) for name in ("ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16") if (name, 1) in rows]
     best = min(b1, key=lambda kv: kv[1]) if b1 else None
     out.append(
         {

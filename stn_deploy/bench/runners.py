@@ -105,7 +105,7 @@ class OrtRunner(Runner):
 
     def __init__(
         self, model: Path | None, provider: str, precision: str, threads: int, *, trt_fp16: bool = False,
-        max_batch: int = 256, streams: int | str = "auto", missing: str = "--model",
+        max_batch: int = 256, streams: int | str = "auto", missing: str = "--model", cuda_tf32: bool = False,
     ) -> None:
         super().__init__(threads)
         self.model, self.provider, self.trt_fp16 = model, provider, trt_fp16
@@ -115,14 +115,17 @@ class OrtRunner(Runner):
         self.streams = streams
         self.missing = missing
         self.device = "cpu" if provider == "cpu" else "cuda"
-        self.name = f"ort-{provider}-{self.precision}" + (streams_suffix(streams) if isinstance(streams, int) else "")
+        self.cuda_tf32 = cuda_tf32  # the fp32 file with TF32 math (ProviderConfig.cuda_tf32): speed vs exactness
+        self.name = f"ort-{provider}-{'tf32' if cuda_tf32 else self.precision}" + (
+            streams_suffix(streams) if isinstance(streams, int) else ""
+        )
 
     def load(self) -> None:
         _missing(self.model, self.missing)
         wanted = PROVIDER_NAMES[self.provider]
         if wanted not in available_providers():
             raise BackendUnavailable(f"onnxruntime build has no {wanted} (install stn-deploy[gpu] on a CUDA machine)")
-        config = ProviderConfig(trt_fp16=self.trt_fp16,
+        config = ProviderConfig(trt_fp16=self.trt_fp16, cuda_tf32=self.cuda_tf32,
                                 trt_max_batch=self.max_batch if self.provider == "tensorrt" else None)
         try:
             self.session = Session(
@@ -251,6 +254,7 @@ def plan_runners(
     runners += [OrtRunner(model, "cpu", "fp32", threads, streams=n) for n in ort_arrangements]
     runners += [OrtRunner(int8_model, "cpu", "int8", threads, streams=n, missing=no_int8) for n in ort_arrangements]
     runners.append(OrtRunner(model, "cuda", "fp32", threads))
+    runners.append(OrtRunner(model, "cuda", "fp32", threads, cuda_tf32=True))
     runners.append(OrtRunner(fp16_model, "cuda", "fp16", threads, missing=no_fp16))
     runners.append(OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch))
     runners.append(OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True, max_batch=max_batch))
