@@ -9,15 +9,18 @@ definition shared with training.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .decode_warnings import capture as capture_warnings
 from .errors import ImageError, one_line
 from .preprocessing import Preprocessing
 
@@ -27,6 +30,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 )
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: decompression-bomb guard, per file
+ORIENTATION = 0x0112  # the EXIF Orientation tag
+SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations that transpose width and height
+_log = logging.getLogger(__name__)
 
 
 class ImageDirectoryError(ImageError):
@@ -91,15 +97,39 @@ def _raise_walk_error(exc: OSError) -> None:
     raise ImageDirectoryError(f"{exc.filename}: {exc.strerror or exc}")
 
 
-def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[str, tuple[int, int]] | None = None,
+    warnings_out: list[str] | None = None,
+) -> Image.Image:
     """Open and fully decode one image file (first frame of an animation), checking its size first.
 
     The header is read before any pixel is decoded, so an oversized image (a decompression bomb)
     is refused without allocating it. Every failure is an :class:`ImageError` ``"path: problem"``.
     PIL's own limit (``Image.MAX_IMAGE_PIXELS``, which ``stn-infer`` sets to ``--max-pixels``) is
     a second line: above twice it, ``Image.open`` itself refuses.
+
+    The image comes upright: an EXIF (or XMP) orientation tag is applied and removed, as a
+    viewer shows the picture. ``draft=(mode, (width, height))`` lets a JPEG decode at 1/2, 1/4 or
+    1/8 scale in the DCT domain, no smaller than that size once upright (PIL's ``draft``; other
+    formats ignore it). Warnings the decoder raises are appended to ``warnings_out``, or logged
+    (``stn_deploy.images``, level INFO) when it is None; they never reach stderr by themselves.
     """
-    path = Path(path)
+    # -- issue 13: EXIF orientation, draft (reduced-scale JPEG) and captured warnings ------------
+    with capture_warnings() as caught:
+        image = _open_image(Path(path), max_pixels, draft)
+    if caught:
+        if warnings_out is not None:
+            warnings_out.extend(caught)
+        else:
+            for text in caught:
+                _log.info("%s: %s", path, text)
+    return image
+
+
+def _open_image(path: Path, max_pixels: int | None, draft: tuple[str, tuple[int, int]] | None) -> Image.Image:
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a named pipe would block the decoder forever
             raise ImageError(f"{path}: not a regular file")
@@ -111,7 +141,14 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
                     f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                     f"{max_pixels:,} (possible decompression bomb; raise --max-pixels to allow it)"
                 )
+            if draft is not None and image.format == "JPEG":
+                mode, (w, h) = draft
+                if image.getexif().get(ORIENTATION, 1) in SWAPS_AXES:
+                    w, h = h, w  # the draft is taken before the rotation
+                if min(width // w, height // h) >= 2:  # it can reduce (else: the full decode, unchanged)
+                    image.draft(mode, (w, h))
             image.load()  # a freshly opened animation (GIF, APNG, multi-page TIFF) is on its first frame
+            _exif_transpose(image)
         except BaseException:
             image.close()
             raise
@@ -131,6 +168,14 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     return image
 
 
+def _exif_transpose(image: Image.Image) -> None:
+    """Apply the orientation tag in place; unreadable EXIF is a warning, not a lost image."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as exc:  # noqa: BLE001 - Pillow's EXIF parser on hostile metadata
+        warnings.warn(f"EXIF orientation ignored ({one_line(exc, 200)})", UserWarning, stacklevel=2)
+
+
 @dataclass
 class DecodeResult:
     """One file's model input (``array``, float32 CHW) or the error that stopped it."""
@@ -138,25 +183,34 @@ class DecodeResult:
     path: Path
     array: np.ndarray | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # the decoder's warnings (issue 13)
+    decoder: str = "pillow"  # which decode path produced it (stn_deploy.decoders)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodeResult:
-    """Decode and preprocess one file; failures are returned, not raised."""
+def decode(
+    path: Path,
+    preprocessing: Preprocessing,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[str, tuple[int, int]] | None = None,
+) -> DecodeResult:
+    """Decode and preprocess one file; failures are returned, not raised (``draft``: see :func:`open_image`)."""
+    caught: list[str] = []
     try:
-        with open_image(path, max_pixels=max_pixels) as image:
-            pixels = preprocessing.to_uint8(image)
+        with capture_warnings(caught), open_image(path, max_pixels=max_pixels, draft=draft, warnings_out=caught) as image:
+            pixels = preprocessing.to_uint8(image)  # convert() may warn too (palette transparency)
     except ImageError as exc:
         # The row already names the file: keep only the problem.
         msg = str(exc)
         prefix = f"{path}: "
-        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
+        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg, warnings=caught)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
-        return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})")
-    return DecodeResult(path, array=pixels)
+        return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})", warnings=caught)
+    return DecodeResult(path, array=pixels, warnings=caught)
 
 
 @dataclass

@@ -16,9 +16,8 @@ import os
 import sys
 import time
 import warnings
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -26,13 +25,15 @@ from typing import IO, Any
 import click
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from . import metadata as md
 from .cli import report_errors, to_json
+from .decode_pool import POOLS, DecodePool
+from .decoders import AUTO_MODES, DECODE_MODES, DecodeSpec
 from .errors import StnDeployError
 from .fileio import atomic_path
-from .images import DEFAULT_MAX_PIXELS, DecodedBatch, decode_batch, find_images
+from .image_walk import walk_images
+from .images import DEFAULT_MAX_PIXELS, DecodedBatch
 from .preprocessing import Preprocessing
 from .runtime import PROVIDERS, STREAM_CHUNK, Session
 
@@ -47,15 +48,25 @@ class InferUsageError(StnDeployError):
 
 
 # -- the pipeline --------------------------------------------------------------------------------
+# -- issue 13: decoding (stn_deploy.decoders, stn_deploy.decode_pool) --------------------------------
 def default_decode_workers() -> int:
-    """One decode thread per core (at most 4). Measured on 2 cores (benchmarks/infer_throughput.py):
-    2 decode threads with non-spinning ONNX Runtime threads kept the pipeline closest to
-    model-only speed; the threads mostly wait on the GIL or sleep, so they cost little."""
+    """One decode worker per core, at most 4 (benchmarks/DECODE.md: on 2 cores, 2 workers beside
+    inference's threads kept the pipeline closest to model-only speed)."""
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def choose_pool(pool: str, files_known: int | None, batch_size: int) -> str:
+    """``auto``: no pool for a run that fits in one batch (nothing to overlap, and starting worker
+    processes would cost more than decoding), else worker processes (benchmarks/DECODE.md)."""
+    if pool != "auto":
+        return pool
+    if files_known is not None and files_known <= batch_size:
+        return "inline"
+    return "process"
+
+
 def iter_decoded(
-    files: Sequence[Path],
+    files: Iterable[Path],
     preprocessing: Preprocessing,
     *,
     batch_size: int,
@@ -63,34 +74,21 @@ def iter_decoded(
     pool: str = "thread",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     prefetch: int | None = None,
+    decode: str = "auto",
 ) -> Iterator[DecodedBatch]:
     """Decoded batches of ``files`` in order, decoded by ``workers`` ahead of the consumer.
 
-    At most ``prefetch`` batches (default ``2 × workers``) are in flight, so memory stays
-    bounded however many files there are; the consumer (inference) overlaps with decoding
-    because ONNX Runtime and PIL's decoders release the GIL.
+    ``files`` may be a lazy iterator (a directory walk in progress). At most ``prefetch`` batches
+    are decoded ahead of the one the consumer holds, so memory stays bounded however many files
+    there are. Each batch's ``inputs`` is a view of a reused buffer, valid until the next batch
+    is asked for (:class:`stn_deploy.decode_pool.DecodePool`).
     """
-    chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
-    window = max(1, prefetch if prefetch is not None else 2 * workers)
-    executor: Executor = (
-        ProcessPoolExecutor(max_workers=workers) if pool == "process" else ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stn-decode")
-    )
-    pending: deque[Future[DecodedBatch]] = deque()
-    try:
-        for chunk in chunks:
-            pending.append(executor.submit(decode_batch, chunk, preprocessing, max_pixels=max_pixels))
-            if len(pending) >= window:
-                break
-        while pending:
-            batch = pending.popleft().result()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                pending.append(executor.submit(decode_batch, nxt, preprocessing, max_pixels=max_pixels))
-            yield batch
-    finally:
-        for fut in pending:
-            fut.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
+    spec = DecodeSpec(preprocessing, mode=decode, max_pixels=max_pixels)
+    with DecodePool(spec, batch_size=batch_size, workers=workers, pool=pool, prefetch=prefetch) as decoder:
+        yield from decoder.batches(files)
+
+
+# -- end of issue 13's decoding section -------------------------------------------------------------
 
 
 @dataclass
@@ -251,6 +249,11 @@ class InferSummary:
     skipped_files: int = 0
     seconds: float = 0.0
     errors: list[dict[str, str]] = field(default_factory=list)
+    # issue 13: how files were decoded, the decoders' warnings, when the first rows were written
+    decoders: dict[str, int] = field(default_factory=dict)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    first_rows_s: float | None = None
+    pool: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -259,7 +262,7 @@ class InferSummary:
 
 def run_inference(
     session: Session,
-    files: Sequence[Path],
+    files: Iterable[Path],
     writer: RowWriter | None,
     *,
     root: Path,
@@ -271,22 +274,43 @@ def run_inference(
     visualize: Path | None = None,
     progress: bool = True,
     want_log_probs: bool = False,
+    decode: str = "auto",
 ) -> InferSummary:
-    """Decode, classify and write rows for ``files``; the engine behind ``stn-infer``."""
-    summary = InferSummary(images=len(files))
+    """Decode, classify and write rows for ``files``; the engine behind ``stn-infer``.
+
+    ``files`` is a sequence or a lazy stream (:class:`stn_deploy.image_walk.ImageWalk`): rows are
+    written batch by batch while the walk goes on. ``decode_pool="auto"`` picks by size
+    (:func:`choose_pool`).
+    """
+    # -- issue 13: streamed files, the decode pool, decoder statistics ----------------------------
+    summary = InferSummary()
     outputs_wanted = [md.LOG_PROBS] + [n for n in (md.THETA,) if n in session.output_names]
     if visualize is not None:
         outputs_wanted.append(md.WARPED)
     workers = decode_workers or default_decode_workers()
-    bar = tqdm(total=len(files), unit="img", desc="stn-infer", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    total = _known_total(files)
+    pool = summary.pool = choose_pool(decode_pool, total, batch_size)
+    bar = _progress_bar(total, progress and not (total is not None and total <= batch_size))
+    decoders: Counter[str] = Counter()
+    flush = writer is not None and writer.stream is sys.stdout  # a reader downstream sees each batch
     start = time.perf_counter()
     try:
-        for batch in iter_decoded(files, session.preprocessing, batch_size=batch_size, workers=workers, pool=decode_pool, max_pixels=max_pixels):
+        batches = iter_decoded(files, session.preprocessing, batch_size=batch_size, workers=workers, pool=pool,
+                               max_pixels=max_pixels, decode=decode)
+        for batch in batches:
             outputs = session.run(batch.inputs, outputs_wanted) if len(batch.inputs) else {}
             rows = predictions_for(batch, outputs, session.class_names, top_k=top_k, want_log_probs=want_log_probs)
             if writer is not None:
                 writer.write(rows)
-            for r in rows:
+                if flush:
+                    writer.stream.flush()
+            if summary.first_rows_s is None:
+                summary.first_rows_s = time.perf_counter() - start
+            summary.images += len(rows)
+            for r, res in zip(rows, batch.results):
+                decoders[res.decoder] += 1
+                if res.warnings:
+                    summary.warnings.extend({"path": r.path, "warning": w} for w in res.warnings)
                 if r.error is None:
                     summary.ok += 1
                 else:
@@ -295,13 +319,39 @@ def run_inference(
             if visualize is not None and len(batch.inputs):
                 ok_paths = [res.path for res in batch.results if res.ok]
                 write_pairs(visualize, rows, batch.inputs, outputs[md.WARPED], session.preprocessing, root, ok_paths)
-            bar.update(len(batch.results))
-            if summary.failed:
-                bar.set_postfix(failed=summary.failed, refresh=False)
+            if bar is not None:
+                if bar.total is None and getattr(files, "finished", False):
+                    bar.total = files.found  # type: ignore[attr-defined]
+                bar.update(len(batch.results))
+                if summary.failed:
+                    bar.set_postfix(failed=summary.failed, refresh=False)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     summary.seconds = time.perf_counter() - start
+    summary.decoders = dict(sorted(decoders.items()))
     return summary
+
+
+def _known_total(files: Iterable[Path]) -> int | None:
+    """How many files there are, if known yet (a sequence, or a walk that has finished)."""
+    if isinstance(files, Sequence):
+        return len(files)
+    if getattr(files, "finished", False):
+        return int(files.found)  # type: ignore[attr-defined]
+    return None
+
+
+def _progress_bar(total: int | None, enabled: bool) -> Any:
+    """A tqdm bar on stderr, or None. tqdm is imported only when a bar is drawn (~50 ms of start-up)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm  # lazy: a one-batch run draws no bar and should not pay for the import
+
+    return tqdm(total=total, unit="img", desc="stn-infer", file=sys.stderr, dynamic_ncols=True)
+
+
+# -- end of issue 13's run section ------------------------------------------------------------------
 
 
 HELP = f"""Classify every image under IMAGES (a directory, searched recursively, or one file).
@@ -324,6 +374,17 @@ and the run goes on. A summary line (ok/failed counts, images/s) goes to stderr;
 prints the summary as JSON on stdout (then --output must be a file).
 
 \b
+Decoding (--decode): 'exact' decodes every file at full size, as training does. 'fast' decodes a
+JPEG at 1/2, 1/4 or 1/8 scale inside the JPEG decoder (no smaller than twice the model's size),
+then resizes as the metadata says: several times faster on photos, slightly different pixels.
+'auto' (the default) uses fast for JPEG, where it met the accuracy rule (top-1 agreement with
+exact >= 99.5%, accuracy within 0.2 points at 4x and 16x the model's size), and exact for PNG
+and other formats (one decode for them). The --json summary says which decoder read how many
+files, and lists the decoders' warnings per file (they are never printed). EXIF orientation is
+applied. Decoding runs in worker processes beside inference (--decode-pool auto: none for a
+run that fits in one batch).
+
+\b
 Exit status: {EXIT_OK} every file classified; {EXIT_SOME_FAILED} the run finished but some files failed
 (their rows carry the error); {EXIT_USAGE} bad arguments or a missing/empty directory; 1 any
 other error (unreadable model, unavailable provider, --strict-placement violated).
@@ -344,8 +405,13 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--streams", default=1, show_default=True, type=click.IntRange(min=1),
               help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
                    f"which take chunks of {STREAM_CHUNK} images in turn (throughput; stn-bench --streams measures it).")
+@click.option("--decode", "decode_mode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
+              help="fast: JPEG decoded at reduced scale; exact: full decode, as training; auto: "
+                   + ", ".join(f"{kind} {mode}" for kind, mode in AUTO_MODES.items()) + ".")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
-@click.option("--decode-pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (PIL releases the GIL) or processes.")
+@click.option("--decode-pool", type=click.Choice(["auto", *POOLS]), default="auto", show_default=True,
+              help="Decode in worker processes (shared-memory batches), threads, or inline in the inference thread; "
+                   "auto: inline when the files fit in one batch, else process (was: thread).")
 @click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1), help="Refuse images with more pixels than this (decompression-bomb guard).")
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
@@ -367,6 +433,7 @@ def main(
     device_id: int,
     threads: int | None,
     streams: int,
+    decode_mode: str,
     decode_workers: int | None,
     decode_pool: str,
     ort_spin: bool,
@@ -383,7 +450,11 @@ def main(
     if threads is not None and streams > threads:
         raise InferUsageError(f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)")
     fmt = output_format(output, fmt)
-    listing = find_images(images)  # missing/empty directory: exit 2 before loading the model
+    started = time.perf_counter()
+    # issue 13: the walk streams; its first batch is read now, so a missing or empty directory
+    # still exits 2 before the model is loaded, and a run that fits in one batch is known as such.
+    listing = walk_images(images)
+    first = listing.peek(batch_size)
     # PIL's own decompression-bomb limit, as a second line behind the explicit size check.
     Image.MAX_IMAGE_PIXELS = max_pixels
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # we refuse explicitly
@@ -399,8 +470,9 @@ def main(
         trt_max_batch=batch_size,
         spin=ort_spin,
         warmup=1,
-        warmup_batch=min(batch_size, len(listing.files)),
+        warmup_batch=len(first),
     )
+    session_s = time.perf_counter() - started
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))
     if visualize is not None:
         if not session.has_warped:
@@ -411,7 +483,7 @@ def main(
         writer = RowWriter(stream, fmt, top_k=top_k, class_names=session.class_names, theta=session.has_theta, log_probs=log_probs)
         summary = run_inference(
             session,
-            listing.files,
+            listing,
             writer,
             root=listing.root,
             batch_size=batch_size,
@@ -422,6 +494,7 @@ def main(
             visualize=visualize,
             progress=progress,
             want_log_probs=log_probs,
+            decode=decode_mode,
         )
     summary.skipped_files = listing.skipped
 
@@ -430,6 +503,8 @@ def main(
         f"stn-infer: {summary.ok} ok, {summary.failed} failed of {summary.images} images "
         f"in {summary.seconds:.2f} s ({summary.images_per_s:.0f} img/s, {session.provider}) -> {where}"
     )
+    if summary.warnings:
+        line += f"; {len(summary.warnings)} decoder warning(s)" + (" (listed by --json)" if as_json else " (--json lists them)")
     click.echo(line, err=True)
     if as_json:
         click.echo(
@@ -445,11 +520,15 @@ def main(
                     "format": fmt,
                     "batch_size": batch_size,
                     "decode_workers": decode_workers or default_decode_workers(),
-                    "decode_pool": decode_pool,
+                    "decode_pool": summary.pool,
+                    "decode": {**DecodeSpec(session.preprocessing, mode=decode_mode).describe(), "files_by_decoder": summary.decoders},
+                    "timings": {"start_to_session_ready_s": round(session_s, 4),
+                                "start_to_first_rows_s": round(session_s + (summary.first_rows_s or 0.0), 4)},
                     "ort_spin": ort_spin,
                     "session": session.describe(),
                     "placement": {k: v for k, v in placement.to_dict().items() if k != "nodes"},
                     "errors": summary.errors,
+                    "warnings": summary.warnings,
                 }
             )
         )
