@@ -220,8 +220,15 @@ class DecodePool:
         free = deque(range(len(self.buffers)))
         pending: deque[tuple[int, list[Path], list[Future[list[DecodeResult]]]]] = deque()
 
-        def submit(slot: int, paths: list[Path]) -> list[Future[list[DecodeResult]]]:
+        def chunks(slot: int, paths: list[Path]) -> list[Future[list[DecodeResult]]]:
             return [self._submit(slot, i, paths[i : i + self.chunk]) for i in range(0, len(paths), self.chunk)]
+
+        def recover() -> None:
+            # A worker process died: every future of that pool is lost. Start a new pool and
+            # queue the batches in flight again.
+            self._restart()
+            for i, (slot, paths, _) in enumerate(pending):
+                pending[i] = (slot, paths, chunks(slot, paths))
 
         def refill(limit: int) -> None:
             while free and len(pending) < limit:
@@ -229,13 +236,26 @@ class DecodePool:
                 if not paths:
                     return
                 slot = free.popleft()
-                pending.append((slot, paths, submit(slot, paths)))
+                try:
+                    futures = chunks(slot, paths)
+                except Exception as exc:
+                    if not _worker_died(exc):
+                        raise
+                    recover()
+                    futures = chunks(slot, paths)
+                pending.append((slot, paths, futures))
 
         try:
             refill(self.prefetch + 1)
             while pending:
                 slot, paths, futures = pending.popleft()
-                results = self._collect(slot, paths, futures, pending, submit)
+                try:
+                    results = [r for future in futures for r in future.result()]
+                except Exception as exc:
+                    if not _worker_died(exc):
+                        raise
+                    recover()
+                    results = self._one_by_one(slot, paths, recover)
                 view = self.buffers[slot][: len(paths)]
                 ok = [r.ok for r in results]
                 inputs = view if all(ok) else view[np.flatnonzero(ok)]
@@ -247,19 +267,9 @@ class DecodePool:
                 for future in futures:
                     future.cancel()
 
-    def _collect(self, slot: int, paths: list[Path], futures: list[Future[list[DecodeResult]]],
-                 pending: deque[Any], submit: Callable[[int, list[Path]], list[Future[list[DecodeResult]]]]) -> list[DecodeResult]:
-        try:
-            return [r for future in futures for r in future.result()]
-        except Exception as exc:
-            if not _worker_died(exc):
-                raise
-        # A worker process died: every future of the pool is lost. Start a new pool, queue the
-        # other batches again, and decode this batch's files one at a time, so that a file that
-        # kills a worker again is found and reported instead of sinking the run.
-        self._restart()
-        for i, (other_slot, other_paths, _) in enumerate(pending):
-            pending[i] = (other_slot, other_paths, submit(other_slot, other_paths))
+    def _one_by_one(self, slot: int, paths: list[Path], recover: Callable[[], None]) -> list[DecodeResult]:
+        """The files of a batch whose worker died, each on its own: a file that kills a worker
+        again gets an error row instead of sinking the run."""
         results: list[DecodeResult] = []
         for start, path in enumerate(paths):
             try:
@@ -267,10 +277,8 @@ class DecodePool:
             except Exception as exc:
                 if not _worker_died(exc):
                     raise
-                self._restart()
+                recover()
                 results.append(DecodeResult(path, error=WORKER_DIED, decoder="none"))
-                for i, (other_slot, other_paths, _) in enumerate(pending):
-                    pending[i] = (other_slot, other_paths, submit(other_slot, other_paths))
         return results
 
     def _restart(self) -> None:
