@@ -68,12 +68,14 @@ def write_photos(directory: Path, count: int, width: int, height: int, *, qualit
 
 
 def write_pngs(directory: Path, count: int, size: int = 32, *, seed: int = 0) -> int:
-    """``count`` smooth-ish random ``size``×``size`` RGB PNGs in sub-directories of 100."""
+    """``count`` smooth-ish random ``size``×``size`` RGB PNGs, 100 per sub-directory, the
+    sub-directories grouped 100 to a ``part<k>`` directory: ``part0`` alone holds the first
+    10,000 files, so one tree serves runs of 10,000 and of 100,000 files."""
     if _count(directory, ".png") >= count:
         return 0
     rng = np.random.default_rng(seed)
     for i in range(count):
-        sub = directory / f"{i // 100:04d}"
+        sub = directory / f"part{i // 10_000}" / f"{(i // 100) % 100:02d}"
         sub.mkdir(parents=True, exist_ok=True)
         # Smooth-ish content (not pure noise) so PNG compression behaves like real small images.
         base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decoders import DecodeSpec, decode_file
+from .decode_warnings import capture as capture_warnings
+from .decoders import DecodeSpec, decode_into
 from .images import DecodedBatch, DecodeResult
 
 POOLS = ("process", "thread", "inline")
@@ -65,11 +66,18 @@ class BatchFiller:
             stage = self._local.stage = np.empty((n, *self.shape), dtype=np.uint8)
         return stage[:n]
 
-    def fill(self, dest: np.ndarray, paths: Sequence[Path]) -> list[DecodeResult]:
+    def fill(self, dest: np.ndarray, paths: Sequence[Path]) -> ChunkResult:
         """Decode ``paths`` into ``dest`` (float32 ``[len(paths), C, H, W]``); rows of failed files
-        are left undefined. Returns each file's result (no pixels: they are in ``dest``)."""
+        are left undefined. Returns how each file went, compactly (it may cross a process boundary)."""
         stage = self._staging(len(paths))
-        results = [decode_file(path, self.spec, stage[i]) for i, path in enumerate(paths)]
+        decoders: list[str] = []
+        problems: dict[int, tuple[str | None, list[str]]] = {}
+        with capture_warnings() as caught:  # one capture for the chunk; decode_into empties it per file
+            for i, path in enumerate(paths):
+                decoder, error, warnings = decode_into(path, self.spec, stage[i], caught)
+                decoders.append(_TAGS.setdefault(decoder, decoder))  # one object per tag: pickled once
+                if error is not None or warnings:
+                    problems[i] = (error, warnings)
         for start in range(0, len(paths), NORMALIZE_ROWS):
             rows = slice(start, start + NORMALIZE_ROWS)
             out = dest[rows]
@@ -78,7 +86,19 @@ class BatchFiller:
             np.divide(out, np.float32(255.0), out=out)
             np.subtract(out, self.mean, out=out)
             np.divide(out, self.std, out=out)
-        return results
+        return decoders, problems
+
+
+ChunkResult = tuple[list[str], dict[int, tuple[str | None, list[str]]]]  # decoder per file; (error, warnings) where any
+_TAGS: dict[str, str] = {}
+
+
+def _results(paths: Sequence[Path], chunk: ChunkResult) -> list[DecodeResult]:
+    decoders, problems = chunk
+    out = [DecodeResult(path, decoder=decoder) for path, decoder in zip(paths, decoders)]
+    for i, (error, warnings) in problems.items():
+        out[i].error, out[i].warnings = error, warnings
+    return out
 
 
 # -- worker processes -----------------------------------------------------------------------------
@@ -96,7 +116,7 @@ def _process_init(spec: DecodeSpec, names: list[str], shape: tuple[int, ...], pi
     _process_state["filler"] = BatchFiller(spec)
 
 
-def _process_fill(slot: int, start: int, paths: list[Path]) -> list[DecodeResult]:
+def _process_fill(slot: int, start: int, paths: list[Path]) -> ChunkResult:
     buffer = _process_state["buffers"][slot]
     return _process_state["filler"].fill(buffer[start : start + len(paths)], paths)
 
@@ -186,7 +206,7 @@ class DecodePool:
             initargs=(self.spec, names, self.shape, Image.MAX_IMAGE_PIXELS),
         )
 
-    def _submit(self, slot: int, start: int, paths: list[Path]) -> Future[list[DecodeResult]]:
+    def _submit(self, slot: int, start: int, paths: list[Path]) -> Future[ChunkResult]:
         if self._executor is None:
             self._executor = self._start()
         if self.pool == "process":
@@ -218,9 +238,9 @@ class DecodePool:
         it is valid until the next batch is asked for."""
         source = iter(files)
         free = deque(range(len(self.buffers)))
-        pending: deque[tuple[int, list[Path], list[Future[list[DecodeResult]]]]] = deque()
+        pending: deque[tuple[int, list[Path], list[Future[ChunkResult]]]] = deque()
 
-        def chunks(slot: int, paths: list[Path]) -> list[Future[list[DecodeResult]]]:
+        def chunks(slot: int, paths: list[Path]) -> list[Future[ChunkResult]]:
             return [self._submit(slot, i, paths[i : i + self.chunk]) for i in range(0, len(paths), self.chunk)]
 
         def recover() -> None:
@@ -250,7 +270,8 @@ class DecodePool:
             while pending:
                 slot, paths, futures = pending.popleft()
                 try:
-                    results = [r for future in futures for r in future.result()]
+                    results = [r for i, future in enumerate(futures)
+                               for r in _results(paths[i * self.chunk : (i + 1) * self.chunk], future.result())]
                 except Exception as exc:
                     if not _worker_died(exc):
                         raise
@@ -273,7 +294,7 @@ class DecodePool:
         results: list[DecodeResult] = []
         for start, path in enumerate(paths):
             try:
-                results.extend(self._submit(slot, start, [path]).result())
+                results.extend(_results([path], self._submit(slot, start, [path]).result()))
             except Exception as exc:
                 if not _worker_died(exc):
                     raise

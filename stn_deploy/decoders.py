@@ -12,7 +12,7 @@ matter for throughput:
   either way (size, mode, EXIF orientation: the same acceptance as the reference path).
   ``exact`` decodes at full size: the same pixels as Pillow (same libjpeg-turbo output, checked
   once per process). ``fast`` decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below
-  ``JPEG_DRAFT_GAP`` × the model's size, exactly as Pillow's ``draft`` picks the scale, then
+  ``JPEG_DRAFT_GAP`` (4) × the model's size, exactly as Pillow's ``draft`` picks the scale, then
   resizes as :class:`~stn_deploy.preprocessing.Preprocessing` says. A grayscale model gets the
   luma plane without colour conversion.
 
@@ -53,9 +53,11 @@ KINDS = ("jpeg", "png", "other")
 # and 16x the model's size; benchmarks/DECODE.md). PNG and the rest have one decode: fast and
 # exact give the same pixels.
 AUTO_MODES = {"jpeg": "fast", "png": "exact", "other": "exact"}
-# The reduced JPEG is at least this many times the model's size before the final resize
-# (Pillow's thumbnail() uses 2 too): the resize then still averages over >= 2 source pixels.
-JPEG_DRAFT_GAP = 2
+# The reduced JPEG is at least this many times the model's size before the final resize. At 4
+# the accuracy rule held at every size measured (3x to 24x the model's size, fp32 and int8); at
+# 2 and 3 it failed at some (the DCT scaling's box filter, composed with the resize, blurs more
+# than the resize alone): benchmarks/DECODE.md.
+JPEG_DRAFT_GAP = 4
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -195,38 +197,56 @@ def decode_file(path: Path, spec: DecodeSpec, out: np.ndarray) -> DecodeResult:
     ``warnings`` and ``decoder``: which path produced the pixels.
     """
     caught: list[str] = []
-    kind = "other"
     with capture_warnings(caught):
-        try:
-            data = _read_regular_file(path)
-            kind = file_kind(data[:8]) if data else "other"
-            how = _decode_bytes(kind, data, spec, out) if data else None
-        except Exception:  # noqa: BLE001 - anything unusual: the reference path decides, and words the error
-            how = None
+        decoder, error, warnings = decode_into(path, spec, out, caught)
+    return DecodeResult(path, error=error, warnings=warnings, decoder=decoder)
+
+
+def decode_into(path: Path, spec: DecodeSpec, out: np.ndarray, caught: list[str]) -> tuple[str, str | None, list[str]]:
+    """:func:`decode_file` for a caller that captures warnings itself (one capture block for a
+    whole chunk of files: ``caught`` is its list, emptied here). Returns (decoder, error, warnings)."""
+    kind = "other"
+    try:
+        data = _read_regular_file(path)
+        kind = file_kind(data[:8]) if data else "other"
+        how = _decode_bytes(kind, data, spec, out) if data else None
+    except Exception:  # noqa: BLE001 - anything unusual: the reference path decides, and words the error
+        how = None
     if how is not None:
-        return DecodeResult(path, warnings=caught, decoder=how)
-    # The reference path. Warnings of an abandoned fast attempt are dropped: this one repeats them.
+        warnings = caught[:]
+        caught.clear()
+        return how, None, warnings
+    caught.clear()  # an abandoned fast attempt's warnings: the reference path repeats them
+    # The reference path.
     draft = None
     if spec.mode_for("jpeg") == "fast":
         draft = ("L" if spec.preprocessing.channel_order == "L" else "RGB", spec.draft_size())
     result = decode(path, spec.preprocessing, max_pixels=spec.max_pixels, draft=draft)
     if result.array is not None:
         out[...] = result.array.reshape(out.shape)
-        result.array = None
-    result.decoder = f"{kind}:pillow" + (" fast" if kind == "jpeg" and draft is not None else "")
-    return result
+    return f"{kind}:pillow" + (" fast" if kind == "jpeg" and draft is not None else ""), result.error, result.warnings
 
 
 def _read_regular_file(path: Path) -> bytes | None:
     """The file's bytes, or None when it is not a regular file or is empty (the reference path
     then says so). O_NONBLOCK: opening a named pipe must not wait for a writer."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags)
-    with open(fd, "rb", buffering=0, closefd=True) as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        size = os.fstat(fd)
+        if not stat.S_ISREG(size.st_mode) or size.st_size == 0:
             return None
-        return f.read()
+        data = os.read(fd, size.st_size + 1)  # a regular file reads short only at its end
+        if len(data) <= size.st_size:
+            return data
+        parts = [data]
+        while chunk := os.read(fd, 1 << 20):  # it grew while we read
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _decode_bytes(kind: str, data: bytes, spec: DecodeSpec, out: np.ndarray) -> str | None:

@@ -375,8 +375,8 @@ prints the summary as JSON on stdout (then --output must be a file).
 
 \b
 Decoding (--decode): 'exact' decodes every file at full size, as training does. 'fast' decodes a
-JPEG at 1/2, 1/4 or 1/8 scale inside the JPEG decoder (no smaller than twice the model's size),
-then resizes as the metadata says: several times faster on photos, slightly different pixels.
+JPEG at 1/2, 1/4 or 1/8 scale inside the JPEG decoder (no smaller than 4x the model's size),
+then resizes as the metadata says: faster on photos, slightly different pixels.
 'auto' (the default) uses fast for JPEG, where it met the accuracy rule (top-1 agreement with
 exact >= 99.5%, accuracy within 0.2 points at 4x and 16x the model's size), and exact for PNG
 and other formats (one decode for them). The --json summary says which decoder read how many
