@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from stn_deploy.decode_pool import DecodePool
-from stn_deploy.decoders import DecodeSpec
+from stn_deploy.decoders import JPEG_DRAFT_GAP, DecodeSpec
 from stn_deploy.fileio import atomic_write_text
 from stn_deploy.images import find_images
 from stn_deploy.runtime import Session
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="fp32 digits model (stn-export of stn-train --dataset digits)")
     ap.add_argument("--int8-model", type=Path, default=None)
     ap.add_argument("--sizes", default="128,512", help="image sizes to write (4x and 16x a 32x32 model)")
-    ap.add_argument("--gaps", default="1,2", help="reduced decode no smaller than gap x the model's size")
+    ap.add_argument("--gaps", default="2,3,4", help="reduced decode no smaller than gap x the model's size")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "decode_accuracy.json")
     args = ap.parse_args()
@@ -111,7 +111,8 @@ def main() -> None:
         "jpeg_quality": args.quality, "upscale": "bicubic from the 32x32 test images",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "rows": rows,
-        "default_gap_meets_rule_everywhere": all(r["meets_rule"] for r in rows if r["gap"] == 2),
+        "default_gap": JPEG_DRAFT_GAP,
+        "default_gap_meets_rule_everywhere": all(r["meets_rule"] for r in rows if r["gap"] == JPEG_DRAFT_GAP),
     }
     atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
     print(f"-> {args.json_out}", file=sys.stderr)

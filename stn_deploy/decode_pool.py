@@ -193,13 +193,9 @@ class DecodePool:
             return _Inline()
         if self.pool == "thread":
             return ThreadPoolExecutor(self.workers, thread_name_prefix="stn-decode")
-        import multiprocessing  # process pool only
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor  # process pool only
 
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if "forkserver" in methods:
-            context.set_forkserver_preload(["stn_deploy.decode_pool"])  # imports done once, before the forks
+        context = _process_context()
         names = [b.name for b in self._blocks]
         return ProcessPoolExecutor(
             self.workers, mp_context=context, initializer=_process_init,
@@ -306,6 +302,29 @@ class DecodePool:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._start()
+
+
+def _process_context() -> Any:
+    """Worker processes come from a fork server where there is one (a clean process that imported
+    numpy, Pillow and the decoders once), never from a fork of this process, whose ONNX Runtime
+    threads may hold locks at the moment of a fork."""
+    import multiprocessing  # process pool only
+
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["stn_deploy.decode_pool"])
+    return context
+
+
+def prestart_processes() -> None:
+    """Start the fork server now, in the background: stn-infer calls this before it loads the
+    model, so the server's interpreter start and imports (a few hundred ms) overlap the model
+    load instead of delaying the first batch."""
+    if _process_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver  # process pool only
+
+        forkserver.ensure_running()
 
 
 def _worker_died(exc: BaseException) -> bool:

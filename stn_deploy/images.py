@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .decode_warnings import capture as capture_warnings
 from .errors import ImageError, one_line
@@ -171,6 +171,10 @@ def _open_image(path: Path, max_pixels: int | None, draft: tuple[str, tuple[int,
 def _exif_transpose(image: Image.Image) -> None:
     """Apply the orientation tag in place; unreadable EXIF is a warning, not a lost image."""
     try:
+        if image.getexif().get(ORIENTATION, 1) == 1:  # getexif also reads XMP's, as exif_transpose does
+            return
+        from PIL import ImageOps  # lazy: only an image with an orientation needs it (start-up of stn-infer)
+
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # noqa: BLE001 - Pillow's EXIF parser on hostile metadata
         warnings.warn(f"EXIF orientation ignored ({one_line(exc, 200)})", UserWarning, stacklevel=2)

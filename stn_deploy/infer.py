@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import metadata as md
 from .cli import report_errors, to_json
-from .decode_pool import POOLS, DecodePool
+from .decode_pool import POOLS, DecodePool, prestart_processes
 from .decoders import AUTO_MODES, DECODE_MODES, DecodeSpec
 from .errors import StnDeployError
 from .fileio import atomic_path
@@ -56,13 +56,15 @@ def default_decode_workers() -> int:
 
 
 def choose_pool(pool: str, files_known: int | None, batch_size: int) -> str:
-    """``auto``: no pool for a run that fits in one batch (nothing to overlap, and starting worker
-    processes would cost more than decoding), else worker processes (benchmarks/DECODE.md)."""
+    """``auto``: no pool for a run that fits in one batch (nothing to overlap), else threads: the
+    JPEG decoders and Pillow's resize run without the GIL, and threads start at no cost. Worker
+    processes (``process``) also keep the GIL-holding decoders (pyspng on large PNGs, parts of
+    Pillow's other formats) off the inference thread (benchmarks/DECODE.md)."""
     if pool != "auto":
         return pool
     if files_known is not None and files_known <= batch_size:
         return "inline"
-    return "process"
+    return "thread"
 
 
 def iter_decoded(
@@ -381,8 +383,9 @@ then resizes as the metadata says: faster on photos, slightly different pixels.
 exact >= 99.5%, accuracy within 0.2 points at 4x and 16x the model's size), and exact for PNG
 and other formats (one decode for them). The --json summary says which decoder read how many
 files, and lists the decoders' warnings per file (they are never printed). EXIF orientation is
-applied. Decoding runs in worker processes beside inference (--decode-pool auto: none for a
-run that fits in one batch).
+applied. Decoding runs in threads beside inference, straight into the model's input buffer
+(--decode-pool: worker processes with shared-memory batches, or none; auto: none for a run
+that fits in one batch).
 
 \b
 Exit status: {EXIT_OK} every file classified; {EXIT_SOME_FAILED} the run finished but some files failed
@@ -411,7 +414,7 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["auto", *POOLS]), default="auto", show_default=True,
               help="Decode in worker processes (shared-memory batches), threads, or inline in the inference thread; "
-                   "auto: inline when the files fit in one batch, else process (was: thread).")
+                   "auto: inline when the files fit in one batch, else thread (was: always thread).")
 @click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1), help="Refuse images with more pixels than this (decompression-bomb guard).")
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
@@ -454,7 +457,10 @@ def main(
     # issue 13: the walk streams; its first batch is read now, so a missing or empty directory
     # still exits 2 before the model is loaded, and a run that fits in one batch is known as such.
     listing = walk_images(images)
-    first = listing.peek(batch_size)
+    first = listing.peek(batch_size + 1)  # one more: a run of exactly one batch is known as such
+    decode_pool = choose_pool(decode_pool, len(first) if listing.finished else None, batch_size)
+    if decode_pool == "process":
+        prestart_processes()  # the decode processes' fork server starts while the model loads
     # PIL's own decompression-bomb limit, as a second line behind the explicit size check.
     Image.MAX_IMAGE_PIXELS = max_pixels
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # we refuse explicitly
@@ -470,7 +476,7 @@ def main(
         trt_max_batch=batch_size,
         spin=ort_spin,
         warmup=1,
-        warmup_batch=len(first),
+        warmup_batch=min(batch_size, len(first)),
     )
     session_s = time.perf_counter() - started
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))

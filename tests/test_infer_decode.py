@@ -177,5 +177,5 @@ def test_the_pure_pillow_fallback_gives_the_same_exact_rows(tmp_path, model_path
 def test_help_says_what_decode_auto_does():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
-    for text in ("--decode [auto|fast|exact]", "jpeg fast, png exact, other exact", "--decode-pool", "(was: thread)"):
+    for text in ("--decode [auto|fast|exact]", "jpeg fast, png exact, other exact", "--decode-pool", "(was: always thread)"):
         assert text in " ".join(r.output.split()), text
