@@ -55,16 +55,31 @@ def default_decode_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def choose_pool(pool: str, files_known: int | None, batch_size: int) -> str:
-    """``auto``: no pool for a run that fits in one batch (nothing to overlap), else threads: the
-    JPEG decoders and Pillow's resize run without the GIL, and threads start at no cost. Worker
-    processes (``process``) also keep the GIL-holding decoders (pyspng on large PNGs, parts of
-    Pillow's other formats) off the inference thread (benchmarks/DECODE.md)."""
+LARGE_FILE_BYTES = 256 * 1024  # mean file size above which auto decodes in processes
+
+
+def choose_pool(pool: str, files_known: int | None, batch_size: int, mean_file_bytes: float = 0.0) -> str:
+    """``auto``: no pool for a run that fits in one batch (nothing to overlap); worker processes
+    for large files (a 1920x1080 JPEG: 124 vs 64 img/s with threads, benchmarks/DECODE.md: each
+    file is milliseconds of decoding, and a decode thread that the OS pre-empts while it holds
+    the GIL stalls the others); threads otherwise (small files: processes cost more in start-up
+    and messages than they save, 1336 vs 2748 img/s on 32x32 PNGs)."""
     if pool != "auto":
         return pool
     if files_known is not None and files_known <= batch_size:
         return "inline"
-    return "thread"
+    return "process" if mean_file_bytes >= LARGE_FILE_BYTES else "thread"
+
+
+def mean_file_size(paths: Sequence[Path]) -> float:
+    """Mean size in bytes of ``paths`` (a sample: the first batch); unreadable ones count 0."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 def iter_decoded(
@@ -383,9 +398,9 @@ then resizes as the metadata says: faster on photos, slightly different pixels.
 exact >= 99.5%, accuracy within 0.2 points at 4x and 16x the model's size), and exact for PNG
 and other formats (one decode for them). The --json summary says which decoder read how many
 files, and lists the decoders' warnings per file (they are never printed). EXIF orientation is
-applied. Decoding runs in threads beside inference, straight into the model's input buffer
-(--decode-pool: worker processes with shared-memory batches, or none; auto: none for a run
-that fits in one batch).
+applied. Decoding runs beside inference, straight into the model's input buffer, in threads
+or (for large files) worker processes with shared-memory batches; a run that fits in one batch
+uses no pool (--decode-pool).
 
 \b
 Exit status: {EXIT_OK} every file classified; {EXIT_SOME_FAILED} the run finished but some files failed
@@ -414,7 +429,8 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
 @click.option("--decode-pool", type=click.Choice(["auto", *POOLS]), default="auto", show_default=True,
               help="Decode in worker processes (shared-memory batches), threads, or inline in the inference thread; "
-                   "auto: inline when the files fit in one batch, else thread (was: always thread).")
+                   "auto: inline when the files fit in one batch, process when they average 256 KB or more "
+                   "(large photos), else thread (was: always thread).")
 @click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1), help="Refuse images with more pixels than this (decompression-bomb guard).")
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
@@ -458,7 +474,7 @@ def main(
     # still exits 2 before the model is loaded, and a run that fits in one batch is known as such.
     listing = walk_images(images)
     first = listing.peek(batch_size + 1)  # one more: a run of exactly one batch is known as such
-    decode_pool = choose_pool(decode_pool, len(first) if listing.finished else None, batch_size)
+    decode_pool = choose_pool(decode_pool, len(first) if listing.finished else None, batch_size, mean_file_size(first))
     if decode_pool == "process":
         prestart_processes()  # the decode processes' fork server starts while the model loads
     # PIL's own decompression-bomb limit, as a second line behind the explicit size check.

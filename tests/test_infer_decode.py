@@ -125,7 +125,7 @@ def test_a_one_image_run_starts_no_pool_and_imports_no_progress_bar(tmp_path, mo
     )
     out = tmp_path / "p.jsonl"
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "one.png"), "--model", str(model_path), "-o", str(out),
-                           "--json"], capture_output=True, text=True)
+                           "--json"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]"
     summary = json.loads(proc.stdout)
@@ -149,7 +149,7 @@ def test_decoder_warnings_reach_the_json_summary_never_stderr(tmp_path, model_pa
         Image.fromarray(_photo(40, 60, i)).save(images / f"{i}.jpg", quality=90, exif=_exif_block(6))
     out = tmp_path / "p.csv"
     proc = subprocess.run([sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model_path), "-o", str(out),
-                           "--json", "--no-progress", "--decode-pool", pool, "--batch-size", "2"], capture_output=True, text=True)
+                           "--json", "--no-progress", "--decode-pool", pool, "--batch-size", "2"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "Tag data" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     assert "3 decoder warning(s) (listed by --json)" in proc.stderr
@@ -172,6 +172,15 @@ def test_the_pure_pillow_fallback_gives_the_same_exact_rows(tmp_path, model_path
     summary = json.loads(second.stdout)
     assert set(summary["decode"]["files_by_decoder"]) == {"jpeg:pillow", "png:pillow", "other:pillow"}
     assert summary["decode"]["libraries"]["simplejpeg"] is None
+
+
+def test_auto_pool_depends_on_the_run_size_and_the_file_size():
+    from stn_deploy.infer import LARGE_FILE_BYTES, choose_pool
+
+    assert choose_pool("auto", 64, 64) == "inline"  # one batch: nothing to overlap
+    assert choose_pool("auto", None, 64, 2_000) == "thread"  # small files
+    assert choose_pool("auto", None, 64, LARGE_FILE_BYTES) == "process"  # large photos
+    assert choose_pool("thread", 1, 64, 10**9) == "thread"  # an explicit choice stands
 
 
 def test_help_says_what_decode_auto_does():
