@@ -136,7 +136,9 @@ class _Inline(Executor):
 class DecodePool:
     """Decoded batches of files, in order, with decoding spread over ``workers``.
 
-    Use as a context manager (it owns threads or processes and shared memory)::
+    ``pool="process"`` starts its workers from a fork server (spawn where there is none), which
+    import the main module: a script using it needs the usual ``if __name__ == "__main__":``
+    guard. Use as a context manager (it owns threads or processes and shared memory)::
 
         with DecodePool(spec, batch_size=256, workers=2, pool="process") as pool:
             for batch in pool.batches(files):

@@ -396,7 +396,8 @@ JPEG at 1/2, 1/4 or 1/8 scale inside the JPEG decoder (no smaller than 4x the mo
 then resizes as the metadata says: faster on photos, slightly different pixels.
 'auto' (the default) uses fast for JPEG, where it met the accuracy rule (top-1 agreement with
 exact >= 99.5%, accuracy within 0.2 points at 4x and 16x the model's size), and exact for PNG
-and other formats (one decode for them). The --json summary says which decoder read how many
+and other formats (one decode for them). This default is new: earlier versions decoded every
+file exactly, and --decode exact gives their rows. The --json summary says which decoder read how many
 files, and lists the decoders' warnings per file (they are never printed). EXIF orientation is
 applied. Decoding runs beside inference, straight into the model's input buffer, in threads
 or (for large files) worker processes with shared-memory batches; a run that fits in one batch
