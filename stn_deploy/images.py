@@ -10,15 +10,18 @@ definition shared with training.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .decode_warnings import capture as capture_warnings
 from .errors import ImageError, one_line
 from .preprocessing import Preprocessing
 
@@ -28,6 +31,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 )
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: decompression-bomb guard, per file
+ORIENTATION = 0x0112  # the EXIF Orientation tag
+SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations that transpose width and height
+_log = logging.getLogger(__name__)
 
 
 class ImageDirectoryError(ImageError):
@@ -92,26 +98,71 @@ def _raise_walk_error(exc: OSError) -> None:
     raise ImageDirectoryError(f"{exc.filename}: {exc.strerror or exc}")
 
 
-def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[str, tuple[int, int]] | None = None,
+    warnings_out: list[str] | None = None,
+) -> Image.Image:
     """Open and fully decode one image file (first frame of an animation), checking its size first.
 
     The header is read before any pixel is decoded, so an oversized image (a decompression bomb)
     is refused without allocating it. Every failure is an :class:`ImageError` ``"path: problem"``.
     PIL's own limit (``Image.MAX_IMAGE_PIXELS``, which ``stn-infer`` sets to ``--max-pixels``) is
     a second line: above twice it, ``Image.open`` itself refuses.
+
+    The image comes upright: an EXIF (or XMP) orientation tag is applied and removed, as a
+    viewer shows the picture. ``draft=(mode, (width, height))`` lets a JPEG decode at 1/2, 1/4 or
+    1/8 scale in the DCT domain, no smaller than that size once upright (PIL's ``draft``; other
+    formats ignore it). Warnings the decoder raises are appended to ``warnings_out``, or logged
+    (``stn_deploy.images``, level INFO) when it is None; they never reach stderr by themselves.
     """
+    # -- issue 13: EXIF orientation, draft (reduced-scale JPEG) and captured warnings ------------
     path = Path(path)
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe would block the decoder forever
-            raise ImageError(f"{path}: not a regular file")
-    except OSError as exc:
-        raise ImageError(f"{path}: {exc.strerror or exc}") from None
-    return _open_checked(path, str(path), max_pixels=max_pixels, is_empty=lambda: _is_empty(path))
+    return _with_warnings(
+        lambda: _open_image(path, str(path), max_pixels, draft, is_empty=lambda: _is_empty(path)), path, warnings_out
+    )
 
 
-def _open_checked(source: Path | io.BytesIO, label: str, *, max_pixels: int | None, is_empty: Callable[[], bool]) -> Image.Image:
-    """:func:`open_image`'s decoder and guards for a path or an in-memory file; errors name ``label``."""
+def open_image_bytes(
+    data: bytes,
+    name: str,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    warnings_out: list[str] | None = None,
+) -> Image.Image:
+    """:func:`open_image` for an image held in memory (an upload, an object-store file read
+    elsewhere): the same decoder, guards and orientation; errors are ``"name: problem"``."""
+    return _with_warnings(
+        lambda: _open_image(io.BytesIO(data), name, max_pixels, None, is_empty=lambda: not data), name, warnings_out
+    )
+
+
+def _with_warnings(opener: Callable[[], Image.Image], label: object, warnings_out: list[str] | None) -> Image.Image:
+    with capture_warnings() as caught:
+        image = opener()
+    if caught:
+        if warnings_out is not None:
+            warnings_out.extend(caught)
+        else:
+            for text in caught:
+                _log.info("%s: %s", label, text)
+    return image
+
+
+def _open_image(
+    source: Path | io.BytesIO,
+    label: str,
+    max_pixels: int | None,
+    draft: tuple[str, tuple[int, int]] | None,
+    *,
+    is_empty: Callable[[], bool],
+) -> Image.Image:
+    """The decoder and its guards for a path or an in-memory file; every error names ``label``."""
     try:
+        if isinstance(source, Path) and not stat.S_ISREG(source.stat().st_mode):
+            raise ImageError(f"{label}: not a regular file")  # a named pipe would block the decoder forever
         image = Image.open(source)
         try:
             width, height = image.size
@@ -120,7 +171,14 @@ def _open_checked(source: Path | io.BytesIO, label: str, *, max_pixels: int | No
                     f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                     f"{max_pixels:,} (possible decompression bomb; raise --max-pixels to allow it)"
                 )
+            if draft is not None and image.format == "JPEG":
+                mode, (w, h) = draft
+                if image.getexif().get(ORIENTATION, 1) in SWAPS_AXES:
+                    w, h = h, w  # the draft is taken before the rotation
+                if min(width // w, height // h) >= 2:  # it can reduce (else: the full decode, unchanged)
+                    image.draft(mode, (w, h))
             image.load()  # a freshly opened animation (GIF, APNG, multi-page TIFF) is on its first frame
+            _exif_transpose(image)
         except BaseException:
             image.close()
             raise
@@ -140,6 +198,18 @@ def _open_checked(source: Path | io.BytesIO, label: str, *, max_pixels: int | No
     return image
 
 
+def _exif_transpose(image: Image.Image) -> None:
+    """Apply the orientation tag in place; unreadable EXIF is a warning, not a lost image."""
+    try:
+        if image.getexif().get(ORIENTATION, 1) == 1:  # getexif also reads XMP's, as exif_transpose does
+            return
+        from PIL import ImageOps  # lazy: only an image with an orientation needs it (start-up of stn-infer)
+
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as exc:  # noqa: BLE001 - Pillow's EXIF parser on hostile metadata
+        warnings.warn(f"EXIF orientation ignored ({one_line(exc, 200)})", UserWarning, stacklevel=2)
+
+
 @dataclass
 class DecodeResult:
     """One file's model input (``array``, float32 CHW) or the error that stopped it."""
@@ -147,42 +217,49 @@ class DecodeResult:
     path: Path
     array: np.ndarray | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # the decoder's warnings (issue 13)
+    decoder: str = "pillow"  # which decode path produced it (stn_deploy.decoders)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodeResult:
-    """Decode and preprocess one file; failures are returned, not raised."""
-    return _decode(path, lambda: open_image(path, max_pixels=max_pixels), preprocessing)
-
-
-def _decode(path: Path, opener: Callable[[], Image.Image], preprocessing: Preprocessing) -> DecodeResult:
-    try:
-        with opener() as image:
-            pixels = preprocessing.to_uint8(image)
-    except ImageError as exc:
-        # The row already names the file: keep only the problem.
-        msg = str(exc)
-        prefix = f"{path}: "
-        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
-    except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
-        return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})")
-    return DecodeResult(path, array=pixels)
-
-
-# -- image bytes (stn-serve's upload endpoint) ---------------------------------------------------
-def open_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """:func:`open_image` for an image held in memory (an upload); errors are ``"name: problem"``."""
-    return _open_checked(io.BytesIO(data), name, max_pixels=max_pixels, is_empty=lambda: not data)
+def decode(
+    path: Path,
+    preprocessing: Preprocessing,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[str, tuple[int, int]] | None = None,
+) -> DecodeResult:
+    """Decode and preprocess one file; failures are returned, not raised (``draft``: see :func:`open_image`)."""
+    return _decode(
+        path, lambda caught: open_image(path, max_pixels=max_pixels, draft=draft, warnings_out=caught), preprocessing
+    )
 
 
 def decode_bytes(
     data: bytes, name: str, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> DecodeResult:
     """:func:`decode` for image bytes: the same decoder, guards and preprocessing; ``name`` labels the result."""
-    return _decode(Path(name), lambda: open_image_bytes(data, name, max_pixels=max_pixels), preprocessing)
+    return _decode(
+        Path(name), lambda caught: open_image_bytes(data, name, max_pixels=max_pixels, warnings_out=caught), preprocessing
+    )
+
+
+def _decode(path: Path, opener: Callable[[list[str]], Image.Image], preprocessing: Preprocessing) -> DecodeResult:
+    caught: list[str] = []
+    try:
+        with capture_warnings(caught), opener(caught) as image:
+            pixels = preprocessing.to_uint8(image)  # convert() may warn too (palette transparency)
+    except ImageError as exc:
+        # The row already names the file: keep only the problem.
+        msg = str(exc)
+        prefix = f"{path}: "
+        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg, warnings=caught)
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
+        return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})", warnings=caught)
+    return DecodeResult(path, array=pixels, warnings=caught)
 
 
 @dataclass
