@@ -276,3 +276,95 @@ def test_cli_imports_no_torch_and_runs_as_a_command(tmp_path, model_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().endswith("NO-TORCH")
     assert len(_rows(out)) == 3
+
+
+# -- hardening (issue 12): outputs, failed batches, pictures, created folders, links --------------
+def test_output_onto_the_model_or_an_input_image_is_refused(tmp_path, model_path):
+    import shutil
+
+    images = tmp_path / "images"
+    paths = _write_images(images, n_png=2, n_jpg=1)
+    model = tmp_path / "m.onnx"
+    shutil.copy(model_path, model)
+    before = model.read_bytes()
+    r = _invoke(images, "--model", model, "-o", model, "--format", "csv")
+    assert r.exit_code == 2 and "is the --model file" in r.stderr
+    assert model.read_bytes() == before
+    victim = paths[0]
+    original = victim.read_bytes()
+    r = _invoke(images, "--model", model, "-o", victim, "--format", "csv")
+    assert r.exit_code == 2 and "is one of the input images" in r.stderr
+    assert victim.read_bytes() == original
+    ok = _invoke(images, "--model", model, "-o", images / "preds.csv")  # a CSV beside the images is fine
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_batch_onnx_runtime_cannot_run_gets_error_rows_and_the_run_goes_on(tmp_path, model_path, monkeypatch):
+    """The partial last batch fails inside ONNX Runtime: its rows carry the error, the others are
+    classified, exit 3."""
+    from stn_deploy.runtime import Session
+
+    images = tmp_path / "images"
+    _write_images(images, n_png=5, n_jpg=2)  # 7 files: batches of 3, 3 and 1
+    real = Session.run
+
+    def flaky(self, batch, names=None):
+        if len(batch) == 1:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated kernel failure")
+        return real(self, batch, names)
+
+    monkeypatch.setattr(Session, "run", flaky)
+    out = tmp_path / "p.csv"
+    r = _invoke(images, "--model", model_path, "-o", out, "-b", "3", "--streams", "1")
+    assert r.exit_code == EXIT_SOME_FAILED, r.output
+    rows = _rows(out)
+    assert len(rows) == 7
+    failed = [row for row in rows if row["error"]]
+    assert len(failed) == 1 and "inference failed for this batch of 1" in failed[0]["error"]
+    assert "simulated kernel failure" in failed[0]["error"] and failed[0]["label"] == ""
+    assert all(row["label"] for row in rows if not row["error"])
+
+
+def test_a_visualize_picture_that_cannot_be_written_is_that_files_error_row(tmp_path, model_path):
+    images = tmp_path / "images"
+    _write_images(images, n_png=2, n_jpg=0)
+    long_name = "x" * 250 + ".png"  # fits the file system; with ".png" appended it does not
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / long_name)
+    out = tmp_path / "p.csv"
+    r = _invoke(images, "--model", model_path, "-o", out, "--visualize", tmp_path / "vis")
+    assert r.exit_code == EXIT_SOME_FAILED, r.output
+    rows = {Path(row["path"]).name: row for row in _rows(out)}
+    assert "--visualize could not write" in rows[long_name]["error"]
+    assert sum(1 for row in rows.values() if not row["error"]) == 2
+    assert len(list((tmp_path / "vis").rglob("*.png"))) == 2
+
+
+def test_a_failed_run_removes_the_folders_it_created(tmp_path, model_path, monkeypatch):
+    from stn_deploy.infer import pipeline
+
+    images = tmp_path / "images"
+    _write_images(images, n_png=2, n_jpg=0)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "predictions_for", boom)
+    r = _invoke(images, "--model", model_path, "-o", tmp_path / "new" / "deep" / "p.csv", "--visualize",
+                tmp_path / "pictures" / "run1")
+    assert r.exit_code == 130
+    assert not (tmp_path / "new").exists() and not (tmp_path / "pictures").exists()
+
+
+def test_symbolic_links_to_directories_are_counted_not_followed(tmp_path, model_path):
+    images = tmp_path / "images"
+    _write_images(images, n_png=2, n_jpg=0)
+    elsewhere = tmp_path / "elsewhere"
+    _write_images(elsewhere, n_png=3, n_jpg=0)
+    (images / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    out = tmp_path / "p.csv"
+    r = _invoke(images, "--model", model_path, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert len(_rows(out)) == 2
+    assert "2 symbolic link(s) to directories not followed" in r.stderr
+    assert json.loads(r.stdout)["skipped_directory_links"] == 2
