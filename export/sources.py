@@ -116,7 +116,7 @@ class ExportSource:
             try:
                 program = program.run_decompositions(table)
             except NotImplementedError as exc:
-                raise ExportOptionError(f"{self.path}: {exc}") from None
+                raise ExportOptionError(f"{self.path}: {' '.join(str(exc).split())[:300]}") from None
         return program
 
 

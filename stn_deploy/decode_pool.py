@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,6 +108,10 @@ _process_state: dict[str, Any] = {}
 
 def _process_init(spec: DecodeSpec, names: list[str], shape: tuple[int, ...], pil_limit: int | None) -> None:
     from multiprocessing import shared_memory  # process pool only: not imported by a thread or inline run
+
+    # Ctrl-C reaches the whole process group; the parent handles it (stops the run, keeps the old
+    # output) and shuts the pool down. A worker that took it too would print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     Image.MAX_IMAGE_PIXELS = pil_limit  # stn-infer's --max-pixels, as in the parent
     kwargs = {"track": False} if "track" in shared_memory.SharedMemory.__init__.__code__.co_varnames else {}

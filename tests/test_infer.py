@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,30 @@ def test_symbolic_links_to_directories_are_counted_not_followed(tmp_path, model_
     assert len(_rows(out)) == 2
     assert "2 symbolic link(s) to directories not followed" in r.stderr
     assert json.loads(r.stdout)["skipped_directory_links"] == 2
+
+
+def test_ctrl_c_with_the_process_pool_prints_no_worker_tracebacks(tmp_path, model_path):
+    import signal
+    import time
+
+    images = tmp_path / "images"
+    for i in range(3000):  # enough for the run to be mid-way when Ctrl-C comes
+        path = images / f"d{i % 4}" / f"img_{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((64, 64, 3), i % 255, np.uint8)).save(path)
+    out = tmp_path / "p.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model_path), "-o", str(out),
+         "--decode-pool", "process", "--decode-workers", "2", "-b", "8", "--no-progress", "--threads", "1"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):  # rows are being written
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    time.sleep(0.3)  # mid-run: the worker processes are decoding
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
