@@ -234,29 +234,34 @@ def decode(
 ) -> DecodeResult:
     """Decode and preprocess one file; failures are returned, not raised (``draft``: see :func:`open_image`)."""
     return _decode(
-        path, lambda caught: open_image(path, max_pixels=max_pixels, draft=draft, warnings_out=caught), preprocessing
+        path, str(path), lambda caught: open_image(path, max_pixels=max_pixels, draft=draft, warnings_out=caught),
+        preprocessing,
     )
 
 
 def decode_bytes(
-    data: bytes, name: str, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data: bytes, name: str | os.PathLike[str], preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> DecodeResult:
-    """:func:`decode` for image bytes: the same decoder, guards and preprocessing; ``name`` labels the result."""
+    """:func:`decode` for a file whose bytes were read elsewhere (an upload to stn-serve, an
+    object-store file read in a Ray task): the same decoder, guards, pixels and error texts.
+    ``name`` only labels the file (a path or a URI)."""
+    label = str(name)
     return _decode(
-        Path(name), lambda caught: open_image_bytes(data, name, max_pixels=max_pixels, warnings_out=caught), preprocessing
+        Path(label), label, lambda caught: open_image_bytes(data, label, max_pixels=max_pixels, warnings_out=caught),
+        preprocessing,
     )
 
 
-def _decode(path: Path, opener: Callable[[list[str]], Image.Image], preprocessing: Preprocessing) -> DecodeResult:
+def _decode(
+    path: Path, label: str, opener: Callable[[list[str]], Image.Image], preprocessing: Preprocessing
+) -> DecodeResult:
     caught: list[str] = []
     try:
         with capture_warnings(caught), opener(caught) as image:
             pixels = preprocessing.to_uint8(image)  # convert() may warn too (palette transparency)
     except ImageError as exc:
         # The row already names the file: keep only the problem.
-        msg = str(exc)
-        prefix = f"{path}: "
-        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg, warnings=caught)
+        return DecodeResult(path, error=str(exc).removeprefix(f"{label}: "), warnings=caught)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
         return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})", warnings=caught)
     return DecodeResult(path, array=pixels, warnings=caught)
