@@ -9,11 +9,13 @@ definition shared with training.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -100,15 +102,23 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     a second line: above twice it, ``Image.open`` itself refuses.
     """
     path = Path(path)
+    return _open_checked(path, str(path), max_pixels, is_empty=lambda: _is_empty(path))
+
+
+def _open_checked(
+    source: Path | BinaryIO, name: str, max_pixels: int | None, *, is_empty: Callable[[], bool]
+) -> Image.Image:
+    """:func:`open_image` on a file (``source`` a Path) or on its bytes already read (a file
+    object); the same checks and messages, each beginning with ``name``."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe would block the decoder forever
-            raise ImageError(f"{path}: not a regular file")
-        image = Image.open(path)
+        if isinstance(source, Path) and not stat.S_ISREG(source.stat().st_mode):
+            raise ImageError(f"{name}: not a regular file")  # a named pipe would block the decoder forever
+        image = Image.open(source)
         try:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
-                    f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+                    f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                     f"{max_pixels:,} (possible decompression bomb; raise --max-pixels to allow it)"
                 )
             image.load()  # a freshly opened animation (GIF, APNG, multi-page TIFF) is on its first frame
@@ -118,16 +128,16 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
+        raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        if _is_empty(path):
-            raise ImageError(f"{path}: empty file (0 bytes)") from None
-        raise ImageError(f"{path}: not an image PIL can decode (unknown or corrupt format)") from None
+        if is_empty():
+            raise ImageError(f"{name}: empty file (0 bytes)") from None
+        raise ImageError(f"{name}: not an image PIL can decode (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:  # could not open the file at all
-            raise ImageError(f"{path}: {exc.strerror or exc}") from None
+            raise ImageError(f"{name}: {exc.strerror or exc}") from None
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageError(f"{path}: cannot decode ({msg})") from None
+        raise ImageError(f"{name}: cannot decode ({msg})") from None
     return image
 
 
@@ -146,14 +156,33 @@ class DecodeResult:
 
 def decode(path: Path, preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodeResult:
     """Decode and preprocess one file; failures are returned, not raised."""
+    return _decode(Path(path), str(path), lambda: open_image(path, max_pixels=max_pixels), preprocessing)
+
+
+# -- decoding bytes already read (stn-infer --engine ray) ----------------------------------------
+def decode_bytes(
+    data: bytes, path: str | os.PathLike[str], preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> DecodeResult:
+    """:func:`decode` for a file whose bytes were read elsewhere (``stn-infer --engine ray`` reads
+    files in Ray tasks, from object stores too): the same checks, pixels and error texts.
+
+    ``path`` only names the file (in the result, and in messages before the prefix is cut)."""
+    name = str(path)
+    return _decode(
+        Path(path), name, lambda: _open_checked(io.BytesIO(data), name, max_pixels, is_empty=lambda: not data), preprocessing
+    )
+# -- end decode_bytes ----------------------------------------------------------------------------
+
+
+def _decode(path: Path, name: str, opener: Callable[[], Image.Image], preprocessing: Preprocessing) -> DecodeResult:
     try:
-        with open_image(path, max_pixels=max_pixels) as image:
+        with opener() as image:
             pixels = preprocessing.to_uint8(image)
     except ImageError as exc:
         # The row already names the file: keep only the problem.
         msg = str(exc)
-        prefix = f"{path}: "
-        return DecodeResult(path, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
+        prefix = f"{name}: "
+        return DecodeResult(path, error=msg.removeprefix(prefix))
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
         return DecodeResult(path, error=f"cannot decode ({one_line(exc, 200)})")
     return DecodeResult(path, array=pixels)
