@@ -87,6 +87,7 @@ HIDDEN = ("__node", "__provider")  # side-channel columns: where each row was in
 # An actor that dies is restarted and its batch retried, this many times; a batch that keeps killing
 # its actor (a crashing provider) then fails the job instead of looping forever.
 MAX_RESTARTS = 3
+ROWS_PER_PART = 50_000  # Parquet part size: rows gathered into one write task (and one file)
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -128,7 +129,9 @@ def list_source(source: str) -> SourceListing:
             raise ImageDirectoryError(f"{source}: no such file or directory")
         if info.type == pafs.FileType.File:
             if os.path.splitext(root)[1].lower() not in IMAGE_EXTENSIONS:
-                raise ImageDirectoryError(f"{source}: not an image file (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise ImageDirectoryError(
+                    f"{source}: not an image file (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
             return SourceListing(paths=[source], locations=[root], filesystem=fs)
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as exc:
@@ -148,10 +151,14 @@ def list_source(source: str) -> SourceListing:
             skipped += 1
     if not found:
         extra = f" ({skipped} other files)" if skipped else ""
-        raise ImageDirectoryError(f"{source}: no image files{extra} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)")
+        raise ImageDirectoryError(
+            f"{source}: no image files{extra} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
+        )
     found.sort()
     prefix = source.rstrip("/")
-    return SourceListing(paths=[f"{prefix}/{r}" for r in found], locations=[f"{base}/{r}" for r in found], filesystem=fs, skipped=skipped)
+    return SourceListing(
+        paths=[f"{prefix}/{r}" for r in found], locations=[f"{base}/{r}" for r in found], filesystem=fs, skipped=skipped
+    )
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -166,7 +173,7 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     except OSError as exc:  # a known scheme whose filesystem could not start (credentials, region)
         raise RayEngineError(f"{uri}: {one_line(exc, 300)}") from None
     try:
-        import fsspec
+        import fsspec  # schemes pyarrow lacks (az://, abfs://, ...): fsspec and that scheme's package
 
         fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as exc:
@@ -181,7 +188,9 @@ def pixel_shape(preprocessing: Preprocessing) -> tuple[int, ...]:
     return (h, w) if preprocessing.channels == 1 else (h, w, preprocessing.channels)
 
 
-def decode_block(batch: dict[str, np.ndarray], *, preprocessing: Preprocessing, max_pixels: int | None, filesystem: Any) -> dict[str, np.ndarray]:
+def decode_block(
+    batch: dict[str, np.ndarray], *, preprocessing: Preprocessing, max_pixels: int | None, filesystem: Any
+) -> dict[str, np.ndarray]:
     """A Ray Data batch of ``path``/``location`` → ``path``, ``pixels`` (uint8, zeros where it failed), ``error``."""
     if max_pixels is not None:  # as stn-infer's main sets it: PIL's own limit behind the explicit check
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -194,7 +203,11 @@ def decode_block(batch: dict[str, np.ndarray], *, preprocessing: Preprocessing, 
             result = decode(Path(location), preprocessing, max_pixels=max_pixels)
         else:
             data, problem = _read(filesystem, location)
-            result = decode_bytes(data, path, preprocessing, max_pixels=max_pixels) if problem is None else DecodeResult(Path(path), error=problem)
+            result = (
+                decode_bytes(data, path, preprocessing, max_pixels=max_pixels)
+                if problem is None
+                else DecodeResult(Path(path), error=problem)
+            )
         if result.ok:
             pixels[i] = result.array
         errors[i] = result.error or ""
@@ -225,7 +238,9 @@ class RowSpec:
         return min(self.top_k, len(self.class_names))
 
     def writer(self, stream: Any, fmt: str) -> RowWriter:
-        return RowWriter(stream, fmt, top_k=self.top_k, class_names=self.class_names, theta=self.theta, log_probs=self.log_probs)
+        return RowWriter(
+            stream, fmt, top_k=self.top_k, class_names=self.class_names, theta=self.theta, log_probs=self.log_probs
+        )
 
     def columns(self) -> list[str]:
         return self.writer(io.StringIO(), "jsonl").columns()  # the CSV header's names
@@ -302,8 +317,17 @@ class _InferenceActor:
     """
 
     def __init__(
-        self, *, model: list[Any], model_name: str, spec: RowSpec, provider: str, device_id: int, threads: int,
-        spin: bool, batch_size: int, fault: str | None = None,
+        self,
+        *,
+        model: list[Any],
+        model_name: str,
+        spec: RowSpec,
+        provider: str,
+        device_id: int,
+        threads: int,
+        spin: bool,
+        batch_size: int,
+        fault: str | None = None,
     ) -> None:
         import ray  # optional [ray] extra; this runs in a Ray worker
 
@@ -313,8 +337,17 @@ class _InferenceActor:
             path.write_bytes(ray.get(model[0]))
             # threads is explicit: Ray sets OMP_NUM_THREADS to the worker's CPUs (1 when none), and
             # ONNX Runtime's own default would ignore the CPUs this actor reserved.
-            self.session = Session(path, provider, device_id=device_id, threads=threads, spin=spin, warmup=1,
-                                   warmup_batch=batch_size, trt_max_batch=batch_size, record_placement=False)
+            self.session = Session(
+                path,
+                provider,
+                device_id=device_id,
+                threads=threads,
+                spin=spin,
+                warmup=1,
+                warmup_batch=batch_size,
+                trt_max_batch=batch_size,
+                record_placement=False,
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.spec = spec
@@ -329,25 +362,38 @@ class _InferenceActor:
         errors = batch["error"]
         ok = np.array([not e for e in errors], dtype=bool)
         results = [DecodeResult(Path(), error=e or None) for e in errors]  # paths come from the batch below
-        inputs = self.session.preprocessing.normalize(batch["pixels"][ok]) if ok.any() else np.zeros((0, *self.session.preprocessing.input_shape), np.float32)
+        inputs = (
+            self.session.preprocessing.normalize(batch["pixels"][ok])
+            if ok.any()
+            else np.zeros((0, *self.session.preprocessing.input_shape), np.float32)
+        )
         outputs = self.session.run(inputs, self.outputs) if len(inputs) else {}
-        rows = predictions_for(DecodedBatch(results, inputs), outputs, self.spec.class_names, top_k=self.spec.top_k, want_log_probs=self.spec.log_probs)
+        rows = predictions_for(
+            DecodedBatch(results, inputs),
+            outputs,
+            self.spec.class_names,
+            top_k=self.spec.top_k,
+            want_log_probs=self.spec.log_probs,
+        )
         for row, path in zip(rows, batch["path"]):
             row.path = str(path)  # the listing's string: Path() would fold the '//' of a URI
         return self.spec.table(rows, self.node, self.session.provider)
 
     def _maybe_crash(self) -> None:
         """The test hook: with ``STN_RAY_FAULT=N:MARKER`` on the driver, the first actor to reach its
-        Nth batch creates MARKER and exits the process, as a crashed worker would (once: the marker)."""
+        Nth batch creates MARKER and exits the process, as a crashed worker would (once: the marker);
+        with ``N:always`` every actor exits on its Nth batch, as on a batch that crashes the runtime."""
         if not self.fault:
             return
         nth, marker = self.fault.split(":", 1)
-        if self.calls == int(nth):
+        if self.calls != int(nth):
+            return
+        if marker != "always":
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return
-            os._exit(1)
+        os._exit(1)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -397,6 +443,10 @@ def _parquet_sink_class() -> type:
             parent, name = os.path.split(self.final)
             self.staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp") if local else self.final
             self.tally = Tally()
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return ROWS_PER_PART
 
         @property
         def supports_distributed_writes(self) -> bool:
@@ -472,13 +522,20 @@ def plan_output(output: str, fmt: str | None) -> OutputPlan:
     directory = output.endswith("/") or (not is_uri(output) and os.path.isdir(output)) or not ext
     if directory:
         if not is_uri(output) and os.path.isdir(output) and any(os.scandir(output)):
-            raise InferUsageError(f"{output}: directory exists and is not empty (the Parquet parts need a new or empty one)")
+            raise InferUsageError(
+                f"{output}: directory exists and is not empty (the Parquet parts need a new or empty one)"
+            )
         return OutputPlan(output, "parquet", directory=True)
     kinds = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
     if ext not in kinds:
-        raise InferUsageError(f"{output}: cannot tell the output format from the extension (use .csv, .jsonl, .parquet or a directory/)")
+        raise InferUsageError(
+            f"{output}: cannot tell the output format from the extension (use .csv, .jsonl, .parquet or a directory/)"
+        )
     if is_uri(output):
-        raise InferUsageError(f"{output}: a single output file is written by this machine; give a local path, or a directory URI ending in / for Parquet parts")
+        raise InferUsageError(
+            f"{output}: a single output file is written by this machine; give a local path, "
+            "or a directory URI ending in / for Parquet parts"
+        )
     return OutputPlan(output, kinds[ext])
 
 
@@ -508,7 +565,9 @@ def _write_ordered(batches: Iterator[Any], plan: OutputPlan, spec: RowSpec, stdo
 class RayOptions:
     """How the job runs on Ray; the CLI's ``--engine ray`` options."""
 
-    address: str | None = None  # None: start a local instance sized to this machine; "auto", "ray://host:10001", "host:port"
+    address: str | None = (
+        None  # None: start a local instance sized to this machine; "auto", "ray://host:10001", "host:port"
+    )
     actors: int | None = None  # None: one per `threads` CPUs of the cluster
     threads: int = 1  # ONNX Runtime intra-op threads of each actor (and the CPUs it reserves)
     provider: str = "auto"
@@ -555,26 +614,49 @@ def ray_connection(address: str | None) -> Iterator[float]:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", include_dashboard=False, **kwargs)  # "local": never join a `ray start` cluster found on this machine
+            # "local": start one, never join a `ray start` cluster found on this machine. Its workers run
+            # at the command's own priority: Ray's default niceness of 15 (which keeps a busy cluster
+            # node's raylet responsive) would make this job yield to every other process on the machine,
+            # which the single-process command does not.
+            ray.init(address="local", include_dashboard=False, _system_config={"worker_niceness": 0}, **kwargs)
     except Exception as exc:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ValueError, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise RayEngineError(f"cannot start or reach {where}: {one_line(exc, 300)}") from None
+        hint = ""
+        if address and "RAY_AUTH_MODE" not in os.environ:  # Ray 2.60 clusters started with a token require it
+            hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token on this machine)"
+        raise RayEngineError(f"cannot start or reach {where}: {one_line(exc, 300)}{hint}") from None
     try:
         yield time.perf_counter() - start
     finally:
         ray.shutdown()
 
 
+def _address_host_port(address: str) -> tuple[str, int] | None:
+    """``--ray-address`` checked before anything starts: None for ``auto``, else the head's (host, port)."""
+    if address == "auto":
+        return None  # Ray looks it up (RAY_ADDRESS, or the cluster `ray start` left on this machine) and says if none
+    scheme, _, hostport = address.rpartition("://")
+    if scheme == "ray":
+        # Ray Data 2.60 fails under Ray Client (its executor needs a driver's core worker, and it
+        # will not place writes on the client's node), so the driver must run on the cluster.
+        raise InferUsageError(
+            f"--ray-address {address}: Ray Data does not run through Ray Client; run stn-infer on the cluster: on "
+            "the head node with --ray-address auto, or as a Ray job (ray job submit --address http://HEAD:8265 -- "
+            "stn-infer ... --engine ray --ray-address auto)"
+        )
+    host, _, port = hostport.rpartition(":")
+    if scheme or not host or not port.isdigit():
+        raise InferUsageError(f"--ray-address {address}: expected auto or HOST:PORT (the head node's GCS address)")
+    return host.strip("[]"), int(port)
+
+
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail in seconds on a cluster address nothing answers at: ray.init itself retries for minutes."""
-    if address == "auto":
-        return  # Ray looks it up (RAY_ADDRESS, or the cluster `ray start` left on this machine) and says if none
-    scheme, _, hostport = address.rpartition("://")
-    host, _, port = hostport.rpartition(":")
-    if scheme not in ("", "ray") or not host or not port.isdigit():
-        raise InferUsageError(f"--ray-address {address}: expected auto, HOST:PORT (the head's GCS) or ray://HOST:PORT")
+    where = _address_host_port(address)
+    if where is None:
+        return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection(where, timeout=timeout).close()
     except OSError as exc:
         raise RayEngineError(
             f"cannot start or reach the Ray cluster at {address}: {exc.strerror or exc or 'no answer'}"
@@ -592,6 +674,8 @@ def infer_on_ray(
         import ray
     except ImportError as exc:
         raise InferUsageError(f"--engine ray needs Ray Data: pip install 'stn-deploy[ray]' ({exc})") from None
+    if options.address:
+        _address_host_port(options.address)  # a malformed address: exit 2 before any work
     plan = plan_output(output, fmt)
     if plan.ordered and plan.target != "-":
         check_writable(plan.target)  # before the job, not after it
@@ -605,18 +689,34 @@ def infer_on_ray(
     model = Path(model_path).read_bytes()
 
     with ray_connection(options.address) as init_seconds:
-        summary = RaySummary(images=len(listing.paths), skipped_files=listing.skipped, init_seconds=init_seconds,
-                             format=plan.kind + ("-directory" if plan.directory else ""))
+        summary = RaySummary(
+            images=len(listing.paths),
+            skipped_files=listing.skipped,
+            init_seconds=init_seconds,
+            format=plan.kind + ("-directory" if plan.directory else ""),
+        )
         start = time.perf_counter()
         try:
-            tally, actors = _run(ray, listing, model, Path(model_path).name, spec, preprocessing, plan, options, summary,
-                                 stdout or sys.stdout)
+            tally, actors = _run(
+                ray,
+                listing,
+                model,
+                Path(model_path).name,
+                spec,
+                preprocessing,
+                plan,
+                options,
+                summary,
+                stdout or sys.stdout,
+            )
         except StnDeployError:
             raise
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed stage: one line, exit 1
-            raise RayEngineError(f"the Ray job failed: {_root_cause(exc)}") from None
+            raise RayEngineError(
+                f"the Ray job failed: {_root_cause(exc)} (Ray Data's log: ray-data.log in the Ray session's logs)"
+            ) from None
         summary.seconds = time.perf_counter() - start
     summary.ok, summary.failed, summary.errors = tally.ok, tally.failed, tally.errors
     summary.rows_per_node = dict(sorted(tally.nodes.items()))
@@ -625,8 +725,18 @@ def infer_on_ray(
     return summary
 
 
-def _run(ray: Any, listing: SourceListing, model: bytes, model_name: str, spec: RowSpec, preprocessing: Preprocessing,
-         plan: OutputPlan, options: RayOptions, summary: RaySummary, stdout: IO[str]) -> tuple[Tally, int]:
+def _run(
+    ray: Any,
+    listing: SourceListing,
+    model: bytes,
+    model_name: str,
+    spec: RowSpec,
+    preprocessing: Preprocessing,
+    plan: OutputPlan,
+    options: RayOptions,
+    summary: RaySummary,
+    stdout: IO[str],
+) -> tuple[Tally, int]:
     import pyarrow as pa
 
     resources = ray.cluster_resources()
@@ -640,7 +750,7 @@ def _run(ray: Any, listing: SourceListing, model: bytes, model_name: str, spec: 
     ctx.enable_progress_bars = options.progress
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = plan.ordered
-    _quiet_ray_data_console()
+    _quiet_ray_data_console(options.progress)
 
     n = len(listing.paths)
     # About four blocks per actor, so every actor and decode slot has work and a slow block does not
@@ -672,9 +782,15 @@ def _run(ray: Any, listing: SourceListing, model: bytes, model_name: str, spec: 
         ds = ds.map_batches(
             _InferenceActor,
             fn_constructor_kwargs={
-                "model": model_ref, "model_name": model_name, "spec": spec, "provider": options.provider,
-                "device_id": options.device_id, "threads": options.threads, "spin": options.spin,
-                "batch_size": options.batch_size, "fault": os.environ.get(FAULT_ENV),
+                "model": model_ref,
+                "model_name": model_name,
+                "spec": spec,
+                "provider": options.provider,
+                "device_id": options.device_id,
+                "threads": options.threads,
+                "spin": options.spin,
+                "batch_size": options.batch_size,
+                "fault": os.environ.get(FAULT_ENV),
             },
             batch_size=options.batch_size,
             batch_format="numpy",
@@ -689,28 +805,43 @@ def _run(ray: Any, listing: SourceListing, model: bytes, model_name: str, spec: 
     fs, final, local = _output_filesystem(plan.target)
     sink = _parquet_sink_class()(fs, final, local=local, schema=spec.schema())
     try:
-        ds.write_datasink(sink)
+        # Writing a part is light work: like the decode tasks, the write tasks reserve no CPU, or on a
+        # node whose CPUs the actors hold they would wait (holding every row) until the actors finish.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=actors)
     except BaseException:
         sink.discard()
         raise
     return sink.tally, actors
 
 
-class _DropRecords(logging.Filter):
-    """Keeps Ray Data's console to warnings, without its hint on how to turn the progress bars back on."""
+class _RayDataConsole(logging.Filter):
+    """What Ray Data may print on the console during a job: warnings, and with the progress bar on,
+    its progress lines (Ray Data logs progress instead of drawing bars when the terminal is not
+    interactive); not its INFO lines on each execution's start and end, nor its hint on how to turn
+    the bars back on after --no-progress, nor its errors: each comes with stack traces and ends the
+    job, which the command then reports in one line (ray-data.log keeps them)."""
+
+    def __init__(self, progress: bool) -> None:
+        super().__init__()
+        self.progress = progress
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and not record.getMessage().startswith("Progress bars disabled")
+        if record.levelno >= logging.ERROR:
+            return False
+        if record.levelno >= logging.WARNING:
+            return not record.getMessage().startswith("Progress bars disabled")
+        return self.progress and record.name.startswith("ray.data._internal.progress")
 
 
-def _quiet_ray_data_console() -> None:
-    """Ray Data logs each execution's start and end to the console at INFO; the single-process command
-    prints only its progress bar and summary line, so keep its console handler to warnings (the
-    session's ray-data.log file still gets everything)."""
+def _quiet_ray_data_console(progress: bool) -> None:
+    """Keep Ray Data's console handler to :class:`_RayDataConsole`'s records (the session's
+    ray-data.log file still gets everything): the single-process command prints only its progress
+    bar and summary line."""
     for handler in logging.getLogger("ray.data").handlers:
-        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if console and not any(isinstance(f, _DropRecords) for f in handler.filters):
-            handler.addFilter(_DropRecords())
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            for old in [f for f in handler.filters if isinstance(f, _RayDataConsole)]:
+                handler.removeFilter(old)
+            handler.addFilter(_RayDataConsole(progress))
 
 
 def _wants_gpu(provider: str, resources: dict[str, float]) -> bool:
@@ -720,13 +851,17 @@ def _wants_gpu(provider: str, resources: dict[str, float]) -> bool:
 
 
 def _actor_count(options: RayOptions, resources: dict[str, float], *, local: bool) -> int:
-    """--actors, or as many as the cluster's CPUs (GPUs with a GPU provider) hold; a pool that cannot
-    be placed is refused on a local instance (it would wait for ever) and warned about on a cluster
-    (an autoscaler may add the nodes)."""
+    """--actors, or by default one per GPU with a GPU provider, and on CPUs as many as four fifths of
+    the cluster's CPUs hold: the decode tasks reserve no CPU but need about a fifth of the work
+    (a 32x32 PNG took 0.28 ms to decode against 1.15 ms to classify on one thread, measured on the
+    project's 2-CPU machine), and the driver and Ray's own processes need some too; on 2 CPUs the
+    default is 1 actor, which beat 2 actors of 1 thread there (benchmarks/results/ray_infer.md).
+    A pool that cannot be placed is refused on a local instance (it would wait for ever) and
+    warned about on a cluster (an autoscaler may add the nodes)."""
     gpu = _wants_gpu(options.provider, resources)
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     if options.actors is None:
-        fit = int(gpus) if gpu else int(cpus // options.threads)
+        fit = int(gpus) if gpu else int(cpus * 0.8 // options.threads)
         return max(1, fit)
     need_cpu = options.actors * options.threads
     short = []
@@ -752,23 +887,37 @@ def _output_filesystem(target: str) -> tuple[Any, str, bool]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error of a Ray exception chain, in one line (an StnDeployError keeps its text)."""
-    seen: set[int] = set()
+    """The error behind a failed Ray job, in one line: an StnDeployError raised in a task or actor
+    keeps its text; otherwise the first exception of the chain (Ray's ``cause``, ``__cause__``,
+    ``__context__``) that says something, skipping Ray Data's empty wrappers, by its first line."""
+    chain: list[BaseException] = []
     cur: BaseException | None = exc
-    best: BaseException = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        best = cur
-        if isinstance(cur, StnDeployError):
-            return str(cur)
+    while cur is not None and all(cur is not seen for seen in chain):
+        chain.append(cur)
         cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
-    return one_line(best, 300)
+    for err in chain:
+        if isinstance(err, StnDeployError):
+            return str(err)
+    for err in chain:
+        text = str(err).strip()
+        if text and type(err).__name__ not in ("SystemException", "UserCodeException"):
+            return f"{type(err).__name__}: {text.splitlines()[0][:300]}"
+    return one_line(exc, 300)
 
 
 # -- the command ---------------------------------------------------------------------------------
 # stn-infer options that only the local engine has: given with --engine ray, they are a usage error
 # rather than silently ignored (Ray schedules decoding itself and assigns each actor its GPU).
-LOCAL_ONLY = ("streams", "decode_workers", "decode_pool", "visualize", "strict_placement", "device_id", "trt_fp16", "trt_engine_cache")
+LOCAL_ONLY = (
+    "streams",
+    "decode_workers",
+    "decode_pool",
+    "visualize",
+    "strict_placement",
+    "device_id",
+    "trt_fp16",
+    "trt_engine_cache",
+)
 
 
 def main_ray(ctx: click.Context) -> int:
@@ -795,7 +944,9 @@ def main_ray(ctx: click.Context) -> int:
     return run_command(p["images"], p["model_path"], p["output"], p["fmt"], options, as_json=p["as_json"])
 
 
-def run_command(source: str, model_path: Path, output: str, fmt: str | None, options: RayOptions, *, as_json: bool) -> int:
+def run_command(
+    source: str, model_path: Path, output: str, fmt: str | None, options: RayOptions, *, as_json: bool
+) -> int:
     """``stn-infer --engine ray``: run, print the summary line (and ``--json``), return the exit status."""
     with _ray_prints_to_stderr() as stdout:
         return _run_command(source, model_path, output, fmt, options, as_json=as_json, stdout=stdout)
@@ -815,8 +966,9 @@ def _ray_prints_to_stderr() -> Iterator[IO[str]]:
         sys.stdout = real
 
 
-def _run_command(source: str, model_path: Path, output: str, fmt: str | None, options: RayOptions, *, as_json: bool,
-                 stdout: IO[str]) -> int:
+def _run_command(
+    source: str, model_path: Path, output: str, fmt: str | None, options: RayOptions, *, as_json: bool, stdout: IO[str]
+) -> int:
     summary = infer_on_ray(source, model_path, output, fmt, options, stdout=stdout)
     where = "stdout" if output == "-" else output
     line = (

@@ -19,6 +19,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+
 
 RAY = Path(sys.executable).with_name("ray")
 STARTED = "Ray runtime started"
@@ -70,18 +74,44 @@ class LoopbackCluster:
     def _node_args(self, cpus: int) -> list[str]:
         workers = free_port_range(64)
         return [
-            "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0",
-            "--object-store-memory", str(self.object_store_bytes),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--min-worker-port", str(workers), "--max-worker-port", str(workers + 63),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--disable-usage-stats", "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(cpus),
+            "--num-gpus",
+            "0",
+            "--object-store-memory",
+            str(self.object_store_bytes),
+            "--node-manager-port",
+            str(free_port()),
+            "--object-manager-port",
+            str(free_port()),
+            "--min-worker-port",
+            str(workers),
+            "--max-worker-port",
+            str(workers + 63),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--disable-usage-stats",
+            "--block",
         ]
 
     def _launch(self, args: list[str], timeout: float) -> None:
-        proc = subprocess.Popen([str(RAY), "start", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=self.env, cwd=self.root, start_new_session=True)  # its own process group: stop() signals only it
+        proc = subprocess.Popen(
+            [str(RAY), "start", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            cwd=self.root,
+            start_new_session=True,
+        )  # its own process group: stop() signals only it
         self.procs.append(proc)
         lines: list[str] = []
         self.logs.append(lines)
@@ -106,8 +136,13 @@ class LoopbackCluster:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         head = [
-            "--head", "--port", str(port), "--include-dashboard", "false", "--ray-client-server-port", str(free_port()),
-            "--temp-dir", self.temp_dir,
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            self.temp_dir,
         ]
         self._launch(head + self._node_args(self.node_cpus[0]), timeout)
         for cpus in self.node_cpus[1:]:
@@ -134,7 +169,7 @@ class LoopbackCluster:
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def __enter__(self) -> LoopbackCluster:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:

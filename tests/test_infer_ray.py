@@ -26,11 +26,11 @@ pytest.importorskip("ray.data", reason="--engine ray needs Ray Data: pip install
 pq = pytest.importorskip("pyarrow.parquet", reason="--engine ray needs pyarrow: pip install 'stn-deploy[ray]'")
 torch = pytest.importorskip("torch")  # the test model is exported from a checkpoint
 
-from stn_deploy.infer import main  # noqa: E402
-from stn_deploy.infer_ray import FAULT_ENV  # noqa: E402
+from stn_deploy.infer import main
+from stn_deploy.infer_ray import FAULT_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ray_cluster import LoopbackCluster, group_members  # noqa: E402
+from ray_cluster import LoopbackCluster, group_members
 
 TOL = 1e-6  # probabilities, log-probabilities and theta: the two engines' batches differ in size
 
@@ -41,8 +41,14 @@ def ray_local():
     if ray.is_initialized():
         yield
         return
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024 * 1024)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=256 * 1024 * 1024,
+    )
     yield
     ray.shutdown()
 
@@ -126,6 +132,12 @@ def _invoke(*args):
     return CliRunner().invoke(main, [*map(str, args), "--no-progress"], catch_exceptions=False)
 
 
+def _stn_infer(*args, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real command in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "stn_deploy.infer", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
 def _rows(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines()]
@@ -140,7 +152,9 @@ def _assert_same_rows(ray_rows: list[dict], local_rows: list[dict]) -> None:
         assert (a["error"], a["label"], a["index"]) == (b["error"], b["label"], b["index"]), a["path"]
         assert [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]], a["path"]
         if b["error"] is None:
-            np.testing.assert_allclose([t["prob"] for t in a["top_k"]], [t["prob"] for t in b["top_k"]], rtol=0, atol=TOL)
+            np.testing.assert_allclose(
+                [t["prob"] for t in a["top_k"]], [t["prob"] for t in b["top_k"]], rtol=0, atol=TOL
+            )
             np.testing.assert_allclose(a["confidence"], b["confidence"], rtol=0, atol=TOL)
             np.testing.assert_allclose(a["log_probs"], b["log_probs"], rtol=0, atol=TOL)
             np.testing.assert_allclose(a["theta"], b["theta"], rtol=0, atol=TOL)
@@ -164,8 +178,23 @@ def local_rows(mixed_dir, model_path, tmp_path_factory) -> tuple[list[dict], str
 def test_both_engines_give_the_same_rows_on_a_mixed_directory(ray_local, mixed_dir, model_path, local_rows, tmp_path):
     rows, local_stderr = local_rows
     out = tmp_path / "rows.jsonl"
-    result = _invoke(mixed_dir, "--model", model_path, "-o", out, "--log-probs", "--top-k", "3", "-b", "4",
-                     "--engine", "ray", "--actors", "2", "--json")
+    result = _invoke(
+        mixed_dir,
+        "--model",
+        model_path,
+        "-o",
+        out,
+        "--log-probs",
+        "--top-k",
+        "3",
+        "-b",
+        "4",
+        "--engine",
+        "ray",
+        "--actors",
+        "2",
+        "--json",
+    )
     assert result.exit_code == 3, result.output  # some files failed: their rows say why
     got = _rows(out)
     _assert_same_rows(got, rows)
@@ -176,7 +205,9 @@ def test_both_engines_give_the_same_rows_on_a_mixed_directory(ray_local, mixed_d
     assert sum(r["error"] is None for r in got) == 31
     summary = json.loads(result.stdout)
     assert (summary["images"], summary["ok"], summary["failed"], summary["skipped_non_image_files"]) == (38, 31, 7, 1)
-    assert summary["engine"] == "ray" and summary["ray"]["actors"] == 2 and summary["provider"] == "CPUExecutionProvider"
+    assert (
+        summary["engine"] == "ray" and summary["ray"]["actors"] == 2 and summary["provider"] == "CPUExecutionProvider"
+    )
     assert sum(summary["ray"]["rows_per_node"].values()) == 38
     assert _summary_counts(result.stderr) == _summary_counts(local_stderr) == "stn-infer: 31 ok, 7 failed of 38 images"
 
@@ -192,11 +223,14 @@ def test_csv_and_parquet_outputs_have_the_single_process_columns(ray_local, mixe
     assert ray_csv.read_text().splitlines()[0].split(",") == header
     got = _rows(ray_csv)
     assert [(r["path"], r["label"], r["top5_label"], r["error"]) for r in got] == [
-        (r["path"], r["label"], r["top5_label"], r["error"]) for r in want]  # in path order, as the local file
+        (r["path"], r["label"], r["top5_label"], r["error"]) for r in want
+    ]  # in path order, as the local file
 
     # A directory: Parquet parts with the CSV's columns, committed by a rename (no hidden staging left).
     out_dir = tmp_path / "parts"
-    result = _invoke(mixed_dir, "--model", model_path, "-o", f"{out_dir}/", "--engine", "ray", "--actors", "2", "-b", "8")
+    result = _invoke(
+        mixed_dir, "--model", model_path, "-o", f"{out_dir}/", "--engine", "ray", "--actors", "2", "-b", "8"
+    )
     assert result.exit_code == 3, result.output
     assert "-> " + f"{out_dir}/" in result.stderr
     parts = sorted(p.name for p in out_dir.iterdir())
@@ -224,7 +258,9 @@ def test_csv_and_parquet_outputs_have_the_single_process_columns(ray_local, mixe
     assert again.exit_code == 2 and "directory exists and is not empty" in again.stderr
 
 
-def test_an_object_store_uri_is_read_as_bytes_and_decoded_the_same(ray_local, mixed_dir, model_path, local_rows, tmp_path):
+def test_an_object_store_uri_is_read_as_bytes_and_decoded_the_same(
+    ray_local, mixed_dir, model_path, local_rows, tmp_path
+):
     """file:// goes through the object-store path (a pyarrow filesystem, bytes, decode_bytes): the
     same rows as the local path, named by URI. Only regular files are objects: the dangling link
     and the named pipe are not listed."""
@@ -235,13 +271,18 @@ def test_an_object_store_uri_is_read_as_bytes_and_decoded_the_same(ray_local, mi
     assert result.exit_code == 3, result.output
     got = _rows(out)
     prefix = mixed_dir.as_posix()
-    want = [dict(r, path=uri + r["path"][len(prefix):]) for r in rows
-            if Path(r["path"]).relative_to(mixed_dir).as_posix() not in UNREADABLE]
+    want = [
+        dict(r, path=uri + r["path"][len(prefix) :])
+        for r in rows
+        if Path(r["path"]).relative_to(mixed_dir).as_posix() not in UNREADABLE
+    ]
     _assert_same_rows(got, want)
     assert "stn-infer: 31 ok, 5 failed of 36 images" in result.stderr
 
 
-def test_an_inference_actor_killed_mid_run_is_restarted_and_every_row_comes_once(ray_local, model_path, tmp_path, monkeypatch):
+def test_an_inference_actor_killed_mid_run_is_restarted_and_every_row_comes_once(
+    ray_local, model_path, tmp_path, monkeypatch
+):
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(3)
@@ -250,7 +291,9 @@ def test_an_inference_actor_killed_mid_run_is_restarted_and_every_row_comes_once
     marker = tmp_path / "crashed"
     monkeypatch.setenv(FAULT_ENV, f"4:{marker}")  # the first actor to start its 4th batch exits, once
     out = tmp_path / "parts"
-    result = _invoke(images, "--model", model_path, "-o", f"{out}/", "--engine", "ray", "--actors", "2", "-b", "8", "--json")
+    result = _invoke(
+        images, "--model", model_path, "-o", f"{out}/", "--engine", "ray", "--actors", "2", "-b", "8", "--json"
+    )
     assert marker.exists(), "no actor crashed: the test proved nothing"
     assert result.exit_code == 0, result.output
     paths = pq.read_table(out).column("path").to_pylist()
@@ -259,23 +302,50 @@ def test_an_inference_actor_killed_mid_run_is_restarted_and_every_row_comes_once
     assert (summary["ok"], summary["failed"]) == (240, 0)
 
 
+def _one_line_error(result, code: int) -> str:
+    """The command failed with exit ``code`` and printed one line (no traceback); that line."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
 def test_usage_and_whole_job_errors_are_one_line(ray_local, mixed_dir, model_path, tmp_path):
-    r = _invoke(mixed_dir, "--model", model_path, "--engine", "ray", "--visualize", tmp_path / "v", "--streams", "2")
-    assert r.exit_code == 2 and r.stderr.strip() == "Error: --streams, --visualize: not available with --engine ray (the local engine's options)"
-    r = _invoke(mixed_dir, "--model", model_path, "--actors", "2")
-    assert r.exit_code == 2 and "--ray-address and --actors apply to --engine ray" in r.stderr
-    r = _invoke(mixed_dir, "--model", model_path, "--engine", "ray", "--actors", "3", "-o", tmp_path / "p.csv")
-    assert r.exit_code == 2 and "--actors 3: the Ray cluster needs 3 CPUs (3 actors x 1 threads) but it has 2" in r.stderr
-    r = _invoke(mixed_dir, "--model", model_path, "--engine", "ray", "-o", tmp_path / "p.txt")
-    assert r.exit_code == 2 and "cannot tell the output format" in r.stderr
-    r = _invoke(tmp_path / "missing", "--model", model_path, "--engine", "ray", "-o", tmp_path / "p.csv")
-    assert r.exit_code == 2 and r.stderr.strip() == f"Error: {tmp_path / 'missing'}: no such file or directory"
-    r = _invoke("file:///nonexistent/dir", "--model", model_path, "--engine", "ray", "-o", tmp_path / "p.csv")
-    assert r.exit_code == 2 and r.stderr.strip() == "Error: file:///nonexistent/dir: no such file or directory"
+    out = ["-o", tmp_path / "p.csv"]
+    ray_engine = [mixed_dir, "--model", model_path, "--engine", "ray", *out]
+    line = _one_line_error(_invoke(*ray_engine, "--visualize", tmp_path / "v", "--streams", "2"), 2)
+    assert line == "Error: --streams, --visualize: not available with --engine ray (the local engine's options)"
+    line = _one_line_error(_invoke(mixed_dir, "--model", model_path, "--actors", "2", *out), 2)
+    assert line == "Error: --ray-address and --actors apply to --engine ray"
+    line = _one_line_error(_invoke(*ray_engine, "--actors", "3"), 2)
+    assert "--actors 3: the Ray cluster needs 3 CPUs (3 actors x 1 threads) but it has 2" in line
+    line = _one_line_error(_invoke(*ray_engine, "--ray-address", "ray://head:10001"), 2)
+    assert "Ray Data does not run through Ray Client" in line and "--ray-address auto" in line
+    line = _one_line_error(_invoke(mixed_dir, "--model", model_path, "--engine", "ray", "-o", tmp_path / "p.txt"), 2)
+    assert "cannot tell the output format" in line
+    line = _one_line_error(_invoke(tmp_path / "missing", "--model", model_path, "--engine", "ray", *out), 2)
+    assert line == f"Error: {tmp_path / 'missing'}: no such file or directory"
+    line = _one_line_error(_invoke("file:///nonexistent/dir", "--model", model_path, "--engine", "ray", *out), 2)
+    assert line == "Error: file:///nonexistent/dir: no such file or directory"
     bad_model = tmp_path / "bad.onnx"
     bad_model.write_bytes(b"not an onnx file")
-    r = _invoke(mixed_dir, "--model", bad_model, "--engine", "ray", "-o", tmp_path / "p.csv")
-    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "bad.onnx: onnxruntime cannot load it" in r.stderr
+    line = _one_line_error(_invoke(mixed_dir, "--model", bad_model, "--engine", "ray", *out), 1)
+    assert "bad.onnx: onnxruntime cannot load it" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_an_actor_that_keeps_dying_ends_the_job_with_one_line_and_exit_1(
+    ray_local, mixed_dir, model_path, tmp_path, monkeypatch
+):
+    """Every actor exits on its first batch (a batch that crashes the runtime): Ray restarts and
+    retries a bounded number of times, then the job fails; no rows file appears."""
+    monkeypatch.setenv(FAULT_ENV, "1:always")
+    result = _invoke(mixed_dir / "a", "--model", model_path, "--engine", "ray", "-o", tmp_path / "p.csv")
+    assert result.exit_code == 1, result.output
+    last = result.stderr.strip().splitlines()[-1]  # Ray's own notices of each worker's death come before it
+    assert last.startswith("Error: the Ray job failed: ActorDiedError: The actor died unexpectedly"), result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -283,13 +353,15 @@ def test_an_unreachable_cluster_is_a_one_line_error_with_exit_1(mixed_dir, model
     """A fresh interpreter (this one already has Ray): the job asks for a cluster nobody runs."""
     from ray_cluster import free_port
 
-    for address in (f"127.0.0.1:{free_port()}", f"ray://127.0.0.1:{free_port()}"):
-        proc = subprocess.run([sys.executable, "-m", "stn_deploy.infer", str(mixed_dir), "--model", str(model_path), "--engine", "ray",
-                               "--ray-address", address, "-o", str(tmp_path / "p.csv"), "--no-progress"],
-                              capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.strip() == f"Error: cannot start or reach the Ray cluster at {address}: Connection refused"
-        assert not (tmp_path / "p.csv").exists()
+    address = f"127.0.0.1:{free_port()}"
+    args = [mixed_dir, "--model", model_path, "--engine", "ray", "--ray-address", address, "-o", tmp_path / "p.csv"]
+    proc = _stn_infer(*args, "--no-progress", timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith(
+        f"Error: cannot start or reach the Ray cluster at {address}: Connection refused"
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_the_ray_engine_imports_no_torch_and_starts_its_own_local_instance(mixed_dir, model_path, tmp_path):
@@ -299,8 +371,10 @@ def test_the_ray_engine_imports_no_torch_and_starts_its_own_local_instance(mixed
         "finally:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
     )
     out = tmp_path / "p.jsonl"
-    proc = subprocess.run([sys.executable, "-c", code, str(mixed_dir / "a"), "--model", str(model_path), "-o", str(out),
-                           "--engine", "ray", "--json"], capture_output=True, text=True, timeout=300)
+    args = [mixed_dir / "a", "--model", model_path, "-o", out, "--engine", "ray", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().endswith("NO-TORCH")
     summary = json.loads(proc.stdout)
@@ -317,11 +391,8 @@ def test_a_two_node_cluster_started_with_ray_start_runs_inference_on_both_nodes(
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
     out = tmp_path / "rows.csv"
     with LoopbackCluster(tmp_path / "cluster", node_cpus=(1, 1)) as cluster:
-        proc = subprocess.run(
-            [sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model_path), "-o", str(out), "--engine", "ray",
-             "--ray-address", cluster.address, "--actors", "2", "-b", "16", "--json", "--no-progress"],
-            capture_output=True, text=True, timeout=300, env=cluster.env,
-        )
+        args = [images, "--model", model_path, "-o", out, "--engine", "ray", "--ray-address", cluster.address]
+        proc = _stn_infer(*args, "--actors", "2", "-b", "16", "--json", "--no-progress", env=cluster.env)
         nodes = list(cluster.procs)
         assert proc.returncode == 0, proc.stderr
         assert all(group_members(node.pid) for node in nodes)
