@@ -399,7 +399,7 @@ def main(
         raise InferUsageError("--json prints the summary on stdout: give the rows a file with --output")
     # -- --engine ray: its own module; nothing below (the local engine) changes --
     if engine == "ray":
-        from .infer_ray import main_ray
+        from .infer_ray import main_ray  # here, not above: it imports this module (rows, writer); ray loads in the job
 
         sys.exit(main_ray(click.get_current_context()))
     if ray_address is not None or actors is not None:

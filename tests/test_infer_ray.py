@@ -178,23 +178,8 @@ def local_rows(mixed_dir, model_path, tmp_path_factory) -> tuple[list[dict], str
 def test_both_engines_give_the_same_rows_on_a_mixed_directory(ray_local, mixed_dir, model_path, local_rows, tmp_path):
     rows, local_stderr = local_rows
     out = tmp_path / "rows.jsonl"
-    result = _invoke(
-        mixed_dir,
-        "--model",
-        model_path,
-        "-o",
-        out,
-        "--log-probs",
-        "--top-k",
-        "3",
-        "-b",
-        "4",
-        "--engine",
-        "ray",
-        "--actors",
-        "2",
-        "--json",
-    )
+    ray_args = ["--engine", "ray", "--actors", "2", "--json"]
+    result = _invoke(mixed_dir, "--model", model_path, "-o", out, "--log-probs", "--top-k", "3", "-b", "4", *ray_args)
     assert result.exit_code == 3, result.output  # some files failed: their rows say why
     got = _rows(out)
     _assert_same_rows(got, rows)
@@ -256,6 +241,15 @@ def test_csv_and_parquet_outputs_have_the_single_process_columns(ray_local, mixe
     assert pq.read_table(one).column("path").to_pylist() == [r["path"] for r in want]
     again = _invoke(mixed_dir, "--model", model_path, "-o", out_dir, "--engine", "ray")
     assert again.exit_code == 2 and "directory exists and is not empty" in again.stderr
+
+    # A directory URI (as s3://bucket/prefix/ would be): parts written in place, then _SUCCESS.
+    uri_dir = tmp_path / "uri_parts"
+    result = _invoke(mixed_dir / "a", "--model", model_path, "-o", uri_dir.as_uri() + "/", "--engine", "ray")
+    assert result.exit_code == 0, result.output
+    assert (uri_dir / "_SUCCESS").exists()
+    assert sorted(pq.read_table(uri_dir).column("path").to_pylist()) == sorted(
+        r["path"] for r in want if r["path"].startswith((mixed_dir / "a").as_posix() + "/")
+    )
 
 
 def test_an_object_store_uri_is_read_as_bytes_and_decoded_the_same(
