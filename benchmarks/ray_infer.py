@@ -129,15 +129,17 @@ def markdown(result: dict) -> str:
     )
     lines = ["# stn-infer --engine ray vs the single-process command", "", machine, setup, ""]
     lines.append(
-        "| configuration | actors × threads | output | images/s | vs local | Ray start (s, not in the rate) "
-        "| command wall (s) |"
+        "| configuration | actors × threads | output | images/s (best) | vs local (best) | vs local, each round "
+        "| Ray start (s, not in the rate) | command wall (s) |"
     )
-    lines.append("|---|---|---|---:|---:|---:|---:|")
+    lines.append("|---|---|---|---:|---:|---|---:|---:|")
+    local_runs = next(r["runs_images_per_s"] for r in result["configs"] if r["name"] == "local")
     for r in result["configs"]:
-        start = r["ray_init_s"] if r["ray_init_s"] is not None else "–"
+        start = f"{r['ray_init_s']:.1f}" if r["ray_init_s"] is not None else "–"
+        rounds = " / ".join(f"{a / b:.2f}" for a, b in zip(r["runs_images_per_s"], local_runs))
         lines.append(
             f"| {r['name']} | {r['actors_x_threads']} | {r['format']} | {r['images_per_s']:.0f} | {r['vs_local']:.2f} "
-            f"| {start} | {r['command_wall_s']} |"
+            f"| {rounds} | {start} | {r['command_wall_s']} |"
         )
     if mn:
         two = (
@@ -180,7 +182,13 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="2,000 images, 1 round")
     ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "ray_infer.json")
+    ap.add_argument(
+        "--render", type=Path, default=None, help="only write the Markdown table of this results JSON beside it"
+    )
     args = ap.parse_args()
+    if args.render:
+        atomic_write_text(args.render.with_suffix(".md"), markdown(json.loads(args.render.read_text())))
+        return
     if args.quick:
         args.count, args.repeats = min(args.count, 2000), 1
 

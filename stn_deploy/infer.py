@@ -366,7 +366,7 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--ray-address", default=None, metavar="ADDRESS",
               help="--engine ray: join this cluster (auto, or the head's HOST:PORT) instead of starting a local instance.")
 @click.option("--actors", default=None, type=click.IntRange(min=1),
-              help="--engine ray: inference actors, each with --threads ONNX Runtime threads (default: as many as 4/5 of the cluster's CPUs hold; one per GPU).")
+              help="--engine ray: inference actors, each with --threads ONNX Runtime threads (default: as many as the cluster's CPUs hold; one per GPU).")
 # -- end --engine ray options --
 @report_errors
 def main(
