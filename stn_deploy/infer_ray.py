@@ -815,7 +815,7 @@ def _run(
     try:
         # Writing a part is light work: like the decode tasks, the write tasks reserve no CPU, or on a
         # node whose CPUs the actors hold they would wait (holding every row) until the actors finish.
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=actors)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except BaseException:
         sink.discard()
         raise
