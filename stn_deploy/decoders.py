@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from .decode_warnings import capture as capture_warnings
-from .images import DEFAULT_MAX_PIXELS, ORIENTATION, SWAPS_AXES, DecodeResult, decode
+from .images import DEFAULT_MAX_PIXELS, ORIENTATION, SWAPS_AXES, DecodeResult, decode, decode_bytes
 from .preprocessing import Preprocessing
 
 DECODE_MODES = ("auto", "fast", "exact")
@@ -259,6 +259,30 @@ def decode_into(path: Path, spec: DecodeSpec, out: np.ndarray, caught: list[str]
     if result.array is not None:
         out[...] = result.array.reshape(out.shape)
     return f"{kind}:pillow" + (" fast" if kind == "jpeg" and draft is not None else ""), result.error, result.warnings
+
+
+def decode_data(data: bytes, name: str, spec: DecodeSpec, out: np.ndarray) -> DecodeResult:
+    """:func:`decode_file` for a file whose bytes were read elsewhere (an object-store file read in
+    a Ray task): the same fast paths, the same reference path and error texts; ``name`` labels it."""
+    caught: list[str] = []
+    kind = file_kind(data[:8]) if data else "other"
+    with capture_warnings(caught):
+        try:
+            how = _decode_bytes(kind, data, spec, out) if data else None
+        except Exception:  # noqa: BLE001 - anything unusual: the reference path decides, and words the error
+            how = None
+        if how is not None:
+            return DecodeResult(Path(name), warnings=caught[:], decoder=how)
+        caught.clear()
+    draft = None
+    if spec.mode_for("jpeg") == "fast":
+        draft = ("L" if spec.preprocessing.channel_order == "L" else "RGB", spec.draft_size())
+    result = decode_bytes(data, name, spec.preprocessing, max_pixels=spec.max_pixels, draft=draft)
+    if result.array is not None:
+        out[...] = result.array.reshape(out.shape)
+        result.array = None
+    result.decoder = f"{kind}:pillow" + (" fast" if kind == "jpeg" and draft is not None else "")
+    return result
 
 
 def _read_regular_file(path: Path) -> bytes | None:

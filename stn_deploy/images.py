@@ -130,12 +130,13 @@ def open_image_bytes(
     name: str,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[str, tuple[int, int]] | None = None,
     warnings_out: list[str] | None = None,
 ) -> Image.Image:
     """:func:`open_image` for an image held in memory (an upload, an object-store file read
     elsewhere): the same decoder, guards and orientation; errors are ``"name: problem"``."""
     return _with_warnings(
-        lambda: _open_image(io.BytesIO(data), name, max_pixels, None, is_empty=lambda: not data), name, warnings_out
+        lambda: _open_image(io.BytesIO(data), name, max_pixels, draft, is_empty=lambda: not data), name, warnings_out
     )
 
 
@@ -240,14 +241,21 @@ def decode(
 
 
 def decode_bytes(
-    data: bytes, name: str | os.PathLike[str], preprocessing: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data: bytes,
+    name: str | os.PathLike[str],
+    preprocessing: Preprocessing,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[str, tuple[int, int]] | None = None,
 ) -> DecodeResult:
     """:func:`decode` for a file whose bytes were read elsewhere (an upload to stn-serve, an
     object-store file read in a Ray task): the same decoder, guards, pixels and error texts.
     ``name`` only labels the file (a path or a URI)."""
     label = str(name)
     return _decode(
-        Path(label), label, lambda caught: open_image_bytes(data, label, max_pixels=max_pixels, warnings_out=caught),
+        Path(label),
+        label,
+        lambda caught: open_image_bytes(data, label, max_pixels=max_pixels, draft=draft, warnings_out=caught),
         preprocessing,
     )
 

@@ -22,17 +22,9 @@ from stn_deploy.image_walk import walk_images
 from stn_deploy.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, STREAMS_MIN_BATCH, ProviderConfig, Session
 
+from .exits import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InferUsageError
 from .pipeline import choose_pool, default_decode_workers, mean_file_size, run_inference
 from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format
-
-EXIT_OK = 0
-EXIT_USAGE = 2  # bad arguments, missing or empty input directory
-EXIT_SOME_FAILED = 3  # the run finished but at least one file could not be classified
-
-
-class InferUsageError(StnDeployError):
-    exit_code = EXIT_USAGE
-
 
 HELP = f"""Classify every image under IMAGES (a directory, searched recursively, or one file).
 
@@ -72,6 +64,12 @@ or (for large files) worker processes with shared-memory batches; a run that fit
 uses no pool (--decode-pool).
 
 \b
+--engine ray runs the same pipeline on Ray Data (pip install 'stn-deploy[ray]'): a local Ray
+instance sized to this machine, or the cluster at --ray-address; IMAGES may then also be a URI
+(s3://bucket/prefix, gs://..., file:///...), and --output a directory (or one ending in /) gets
+Parquet files with the same columns (.parquet: one file). See docs/ray.md.
+
+\b
 Exit status: {EXIT_OK} every file classified; {EXIT_SOME_FAILED} the run finished but some files failed
 (their rows carry the error); {EXIT_USAGE} bad arguments or a missing/empty directory; 1 any
 other error (unreadable model, unavailable provider, --strict-placement violated).
@@ -79,16 +77,17 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("images", type=click.Path(path_type=Path))
+@click.argument("images", type=click.Path(path_type=str))
 @click.option("--model", "-m", "model_path", required=True, type=click.Path(path_type=Path), help="ONNX model written by stn-export.")
-@click.option("--output", "-o", default="-", show_default=True, help="Predictions file (.csv or .jsonl); '-' is stdout.")
+@click.option("--output", "-o", default="-", show_default=True,
+              help="Predictions file (.csv or .jsonl; --engine ray also .parquet or a directory/); '-' is stdout.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None, help="Output format (default: from the --output extension; csv on stdout).")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Images per inference batch (the last one may be partial).")
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Top classes per image (capped at the number of classes).")
 @click.option("--log-probs", is_flag=True, help="Also write every class's log-probability.")
 @click.option("--provider", "-p", type=click.Choice(PROVIDERS), default="auto", show_default=True, help="Execution provider; auto = TensorRT, else CUDA, else CPU.")
 @click.option("--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt.")
-@click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core).")
+@click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core; --engine ray: per actor, default 1).")
 @click.option("--streams", default="auto", show_default=True, type=STREAMS,
               help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
                    f"which take chunks of {STREAM_CHUNK} images in turn. auto: one stream per thread for batches of "
@@ -116,9 +115,17 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option("--visualize", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write input|warped image pairs here (model needs the 'warped' output: stn-export --with-warped).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (counts, throughput, providers, placement) as JSON on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+# -- --engine ray (stn_deploy/infer/ray_engine.py) --
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: Ray Data, on a local Ray instance or the cluster at --ray-address.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="--engine ray: join this cluster (auto, or the head's HOST:PORT) instead of starting a local instance.")
+@click.option("--actors", default=None, type=click.IntRange(min=1),
+              help="--engine ray: inference actors, each with --threads ONNX Runtime threads (default: as many as "
+                   "the cluster's CPUs hold; one per GPU).")
 @report_errors
 def main(
-    images: Path,
+    images: str,
     model_path: Path,
     output: str,
     fmt: str | None,
@@ -142,18 +149,28 @@ def main(
     visualize: Path | None,
     as_json: bool,
     progress: bool,
+    engine: str,
+    ray_address: str | None,
+    actors: int | None,
 ) -> None:
     if as_json and output == "-":
         raise InferUsageError("--json prints the summary on stdout: give the rows a file with --output")
+    if engine == "ray":
+        from .ray_engine import main_ray  # the optional [ray] extra: imported only when the engine is chosen
+
+        sys.exit(main_ray(click.get_current_context()))
+    if ray_address is not None or actors is not None:
+        raise InferUsageError("--ray-address and --actors apply to --engine ray")
+    images_path = Path(images)
     if threads is not None and streams != "auto" and streams > threads:
         raise InferUsageError(f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)")
     fmt = output_format(output, fmt)
     started = time.perf_counter()
     # The walk streams; its first batch is read now, so a missing or empty directory still exits
     # 2 before the model is loaded, and a run that fits in one batch is known as such.
-    listing = walk_images(images)
+    listing = walk_images(images_path)
     first = listing.peek(batch_size + 1)  # one more: a run of exactly one batch is known as such
-    _check_output_is_no_input(output, model_path, images)
+    _check_output_is_no_input(output, model_path, images_path)
     decode_pool = choose_pool(decode_pool, len(first) if listing.finished else None, batch_size, mean_file_size(first))
     if decode_pool == "process":
         prestart_processes()  # the decode processes' fork server starts while the model loads
