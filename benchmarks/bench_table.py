@@ -74,8 +74,11 @@ def core_probe(model: Path, threads: int, blocks: int = 6, calls: int = 300) -> 
                 session.run(x)
                 times[n].append(time.perf_counter() - start)
     p50 = {n: float(np.median(t)) * 1000.0 for n, t in times.items()}
-    return {"model": str(model), "p50_ms": {str(n): round(v, 4) for n, v in p50.items()},
-            "speedup": round(p50[1] / p50[threads], 3)}
+    return {
+        "model": str(model),
+        "p50_ms": {str(n): round(v, 4) for n, v in p50.items()},
+        "speedup": round(p50[1] / p50[threads], 3),
+    }
 
 
 def describe_probe(when: str, probe: dict, threads: int) -> str:
@@ -108,24 +111,77 @@ def main() -> None:
     train_summary = None
     if not ckpt.is_file():
         started = time.perf_counter()
-        train_summary = json.loads(run([str(BIN / "stn-train"), "--dataset", "digits", "-o", str(ckpt), "--json", "--no-progress"]))
+        train_summary = json.loads(
+            run([str(BIN / "stn-train"), "--dataset", "digits", "-o", str(ckpt), "--json", "--no-progress"])
+        )
         train_summary["wall_seconds"] = time.perf_counter() - started
 
     fp32 = work / "stn_digits.onnx"
-    export = json.loads(run([str(BIN / "stn-export"), str(ckpt), "-o", str(fp32), "--quantize", "int8",
-                             "--calibration", "digits", "--optimize", "--json", "-q"]))
+    export = json.loads(
+        run(
+            [
+                str(BIN / "stn-export"),
+                str(ckpt),
+                "-o",
+                str(fp32),
+                "--quantize",
+                "int8",
+                "--calibration",
+                "digits",
+                "--optimize",
+                "--json",
+                "-q",
+            ]
+        )
+    )
     int8 = variant_path(fp32, "int8")
     # OpenVINO's int8 row gets the int8 layout OpenVINO runs fastest (no conv unfolding), so the
     # comparison is against OpenVINO at its best, not on a graph tuned for ONNX Runtime.
     plain_int8 = variant_path(fp32, "plain.int8")
-    run([str(BIN / "stn-export"), str(fp32), "-o", str(plain_int8), "--quantize", "int8", "--int8-config", "plain",
-         "--calibration", "digits", "--json", "-q"])
+    run(
+        [
+            str(BIN / "stn-export"),
+            str(fp32),
+            "-o",
+            str(plain_int8),
+            "--quantize",
+            "int8",
+            "--int8-config",
+            "plain",
+            "--calibration",
+            "digits",
+            "--json",
+            "-q",
+        ]
+    )
     probes = {"before": core_probe(int8, args.threads)}
-    bench = json.loads(run([str(BIN / "stn-bench"), "--model", str(fp32), "--checkpoint", str(ckpt), "--int8-model", str(int8),
-                            "--openvino-int8-model", str(plain_int8),
-                            "--threads", str(args.threads), "--streams", str(args.threads), "--batch-sizes", args.batch_sizes,
-                            "--iterations", str(args.iterations), "--rounds", str(args.rounds), "--json"],
-                           ok=(0, 3)))  # 3: a backend failed; its row says why and the table says so
+    bench = json.loads(
+        run(
+            [
+                str(BIN / "stn-bench"),
+                "--model",
+                str(fp32),
+                "--checkpoint",
+                str(ckpt),
+                "--int8-model",
+                str(int8),
+                "--openvino-int8-model",
+                str(plain_int8),
+                "--threads",
+                str(args.threads),
+                "--streams",
+                str(args.threads),
+                "--batch-sizes",
+                args.batch_sizes,
+                "--iterations",
+                str(args.iterations),
+                "--rounds",
+                str(args.rounds),
+                "--json",
+            ],
+            ok=(0, 3),
+        )
+    )  # 3: a backend failed; its row says why and the table says so
     probes["after"] = core_probe(int8, args.threads)
 
     results = bench["results"]
@@ -146,20 +202,36 @@ def main() -> None:
     drop = int8_report["accuracy_drop"] if "-int8" in fastest["backend"] else 0.0
 
     targets = [
-        ("fastest CPU path >= 4x PyTorch eager", f"{fastest['backend']} {fastest['throughput'] / eager:.2f}x",
-         fastest["throughput"] / eager >= 4.0),
-        ("fastest CPU path >= 1.0x OpenVINO best",
-         f"{fastest['throughput'] / ov_best['throughput']:.2f}x vs {ov_best['backend']}" if ov_best else "OpenVINO not installed",
-         bool(ov_best) and fastest["throughput"] >= ov_best["throughput"]),
-        ("top-1 loss <= 0.5 points", f"{drop:+.2f} points (fp32 {int8_report['fp32_accuracy']:.2f}%, int8 {int8_report['int8_accuracy']:.2f}%)", drop <= 0.5),
-        ("ORT fp32 >= 2x PyTorch eager", f"{fp32['backend']} {fp32['throughput'] / eager:.2f}x", fp32["throughput"] / eager >= 2.0),
+        (
+            "fastest CPU path >= 4x PyTorch eager",
+            f"{fastest['backend']} {fastest['throughput'] / eager:.2f}x",
+            fastest["throughput"] / eager >= 4.0,
+        ),
+        (
+            "fastest CPU path >= 1.0x OpenVINO best",
+            f"{fastest['throughput'] / ov_best['throughput']:.2f}x vs {ov_best['backend']}"
+            if ov_best
+            else "OpenVINO not installed",
+            bool(ov_best) and fastest["throughput"] >= ov_best["throughput"],
+        ),
+        (
+            "top-1 loss <= 0.5 points",
+            f"{drop:+.2f} points (fp32 {int8_report['fp32_accuracy']:.2f}%, int8 {int8_report['int8_accuracy']:.2f}%)",
+            drop <= 0.5,
+        ),
+        (
+            "ORT fp32 >= 2x PyTorch eager",
+            f"{fp32['backend']} {fp32['throughput'] / eager:.2f}x",
+            fp32["throughput"] / eager >= 2.0,
+        ),
         ("batch-1 p50 <= 0.2 ms", f"{b1['backend']} {b1['p50_ms']:.3f} ms", b1["p50_ms"] <= 0.2),
     ]
 
     lines = [
         f"Machine: {bench['machine']['cpu']}, {bench['machine']['logical_cpus']} logical CPUs "
         f"({'/'.join(bench['machine']['isa'])}), {args.threads} threads; "
-        f"onnxruntime {bench['machine']['versions'].get('onnxruntime')}, torch {bench['machine']['versions'].get('torch')}, "
+        f"onnxruntime {bench['machine']['versions'].get('onnxruntime')}, torch "
+        f"{bench['machine']['versions'].get('torch')}, "
         f"openvino {bench['machine']['versions'].get('openvino', 'not installed')}.",
         "",
         f"| backend | img/s @ {big} | x eager | p50 ms @ {one} | p99 ms @ {one} |",
@@ -168,14 +240,24 @@ def main() -> None:
     for name in dict.fromkeys(r["backend"] for r in results):
         r_big, r_one = row(results, name, big), row(results, name, one)
         lines.append(
-            f"| {name} | {r_big['throughput']:.0f} | {r_big['ratio_to_eager']:.2f} | {r_one['p50_ms']:.3f} | {r_one['p99_ms']:.3f} |"
+            f"| {name} | {r_big['throughput']:.0f} | {r_big['ratio_to_eager']:.2f} | {r_one['p50_ms']:.3f} | "
+            f"{r_one['p99_ms']:.3f} |"
         )
-    lines += ["", f"int8: top-1 {int8_report['fp32_accuracy']:.2f}% (fp32) -> {int8_report['int8_accuracy']:.2f}% (int8) "
-              f"on {int8_report['eval_samples']} digits test images.", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [
+        "",
+        f"int8: top-1 {int8_report['fp32_accuracy']:.2f}% (fp32) -> {int8_report['int8_accuracy']:.2f}% (int8) "
+        f"on {int8_report['eval_samples']} digits test images.",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
     lines += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in targets]
-    lines += ["", "Second-core check (ORT int8, batch 1, bare loop, p50): "
-              + ", ".join(describe_probe(when, probe, args.threads) for when, probe in probes.items())
-              + ". Below 1x the second vCPU was running slow."]
+    lines += [
+        "",
+        "Second-core check (ORT int8, batch 1, bare loop, p50): "
+        + ", ".join(describe_probe(when, probe, args.threads) for when, probe in probes.items())
+        + ". Below 1x the second vCPU was running slow.",
+    ]
     failed = [b for b in bench["backends"] if b["status"] == "failed"]
     if failed:
         lines += ["", "Failed backends: " + "; ".join(f"{b['name']} ({b['reason']})" for b in failed)]
@@ -183,9 +265,15 @@ def main() -> None:
 
     from stn_deploy.fileio import atomic_write_text
 
-    payload = {"train": train_summary, "checkpoint": str(ckpt), "export": export, "bench": bench,
-               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets], "core_probe": probes,
-               "markdown": markdown}
+    payload = {
+        "train": train_summary,
+        "checkpoint": str(ckpt),
+        "export": export,
+        "bench": bench,
+        "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
+        "core_probe": probes,
+        "markdown": markdown,
+    }
     atomic_write_text(args.out, json.dumps(payload, indent=2))
     atomic_write_text(args.out.with_suffix(".md"), markdown + "\n")
     print(markdown)

@@ -12,7 +12,8 @@ Both decode gaps are measured (1: decode down to the model's size itself where a
 scale allows; 2, the default: at least twice the model's size, the resize then still averages),
 on the fp32 and the int8 file.
 
-Run:  .venv/bin/python benchmarks/decode_accuracy.py --model build/stn_digits.onnx --int8-model build/stn_digits.int8.onnx
+Run:  .venv/bin/python benchmarks/decode_accuracy.py --model build/stn_digits.onnx \
+          --int8-model build/stn_digits.int8.onnx
 (the models: stn-train --dataset digits, then stn-export --optimize --quantize int8 --calibration digits)
 """
 
@@ -72,7 +73,9 @@ def predictions(session: Session, files: list[Path], spec: DecodeSpec) -> tuple[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, required=True, help="fp32 digits model (stn-export of stn-train --dataset digits)")
+    ap.add_argument(
+        "--model", type=Path, required=True, help="fp32 digits model (stn-export of stn-train --dataset digits)"
+    )
     ap.add_argument("--int8-model", type=Path, default=None)
     ap.add_argument("--sizes", default="128,512", help="image sizes to write (4x and 16x a 32x32 model)")
     ap.add_argument("--gaps", default="2,3,4", help="reduced decode no smaller than gap x the model's size")
@@ -90,25 +93,41 @@ def main() -> None:
                 session = Session(model, "cpu", threads=2, warmup=0, record_placement=False)
                 exact, exact_dec = predictions(session, files, DecodeSpec(session.preprocessing, mode="exact"))
                 for gap in map(int, args.gaps.split(",")):
-                    fast, fast_dec = predictions(session, files, DecodeSpec(session.preprocessing, mode="fast", jpeg_gap=gap))
+                    fast, fast_dec = predictions(
+                        session, files, DecodeSpec(session.preprocessing, mode="fast", jpeg_gap=gap)
+                    )
                     acc_exact, acc_fast = float(100 * (exact == truth).mean()), float(100 * (fast == truth).mean())
                     agreement = float((fast == exact).mean())
                     row = {
-                        "size": size, "scale_vs_model": size // session.preprocessing.image_size[0], "model": precision,
-                        "gap": gap, "images": len(files), "accuracy_exact": round(acc_exact, 2), "accuracy_fast": round(acc_fast, 2),
-                        "accuracy_delta_points": round(acc_fast - acc_exact, 2), "top1_agreement": round(100 * agreement, 2),
+                        "size": size,
+                        "scale_vs_model": size // session.preprocessing.image_size[0],
+                        "model": precision,
+                        "gap": gap,
+                        "images": len(files),
+                        "accuracy_exact": round(acc_exact, 2),
+                        "accuracy_fast": round(acc_fast, 2),
+                        "accuracy_delta_points": round(acc_fast - acc_exact, 2),
+                        "top1_agreement": round(100 * agreement, 2),
                         "disagreements": int((fast != exact).sum()),
-                        "meets_rule": bool(agreement >= MIN_AGREEMENT and abs(acc_fast - acc_exact) <= MAX_ACCURACY_DELTA),
-                        "decoders_fast": fast_dec, "decoders_exact": exact_dec,
+                        "meets_rule": bool(
+                            agreement >= MIN_AGREEMENT and abs(acc_fast - acc_exact) <= MAX_ACCURACY_DELTA
+                        ),
+                        "decoders_fast": fast_dec,
+                        "decoders_exact": exact_dec,
                     }
                     rows.append(row)
-                    print(f"{size:4d}px {precision} gap {gap}: exact {acc_exact:.2f}%  fast {acc_fast:.2f}%  "
-                          f"agreement {100 * agreement:.2f}% ({row['disagreements']} differ)  rule {'met' if row['meets_rule'] else 'FAILED'}  "
-                          f"{fast_dec}", file=sys.stderr)
+                    print(
+                        f"{size:4d}px {precision} gap {gap}: exact {acc_exact:.2f}%  fast {acc_fast:.2f}%  "
+                        f"agreement {100 * agreement:.2f}% ({row['disagreements']} differ)  rule "
+                        f"{'met' if row['meets_rule'] else 'FAILED'}  "
+                        f"{fast_dec}",
+                        file=sys.stderr,
+                    )
     result = {
         "benchmark": "reduced-scale JPEG decode vs full decode on the digits test split (issue 13's accuracy rule)",
         "rule": {"min_top1_agreement": MIN_AGREEMENT, "max_accuracy_delta_points": MAX_ACCURACY_DELTA},
-        "jpeg_quality": args.quality, "upscale": "bicubic from the 32x32 test images",
+        "jpeg_quality": args.quality,
+        "upscale": "bicubic from the 32x32 test images",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "rows": rows,
         "default_gap": JPEG_DRAFT_GAP,

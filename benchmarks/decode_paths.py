@@ -40,11 +40,10 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_images import photo_like  # noqa: E402
-
 from stn_deploy.decoders import JPEG_DRAFT_GAP as GAP  # noqa: E402
 from stn_deploy.decoders import jpeg_scale  # noqa: E402
 from stn_deploy.fileio import atomic_write_text  # noqa: E402
+from synthetic_images import photo_like  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = (32, 32)
@@ -69,6 +68,7 @@ def candidates(kind: str, data: bytes) -> dict[str, Callable[[], np.ndarray]]:
 
     out["pillow full decode + resize"] = pil_exact
     if kind.startswith("jpeg"):
+
         def pil_draft() -> np.ndarray:
             with Image.open(io.BytesIO(data)) as im:
                 im.draft("RGB", (TARGET[0] * GAP, TARGET[1] * GAP))
@@ -79,30 +79,50 @@ def candidates(kind: str, data: bytes) -> dict[str, Callable[[], np.ndarray]]:
             w, h = Image.open(io.BytesIO(data)).size
             scale = jpeg_scale(w, h, (TARGET[0] * GAP, TARGET[1] * GAP))
             out["simplejpeg full + resize"] = lambda: np.asarray(
-                Image.fromarray(sj.decode_jpeg(data, colorspace="RGB")).resize(TARGET, BILINEAR))
-            out[f"simplejpeg 1/{scale} + resize"] = lambda: np.asarray(Image.fromarray(
-                sj.decode_jpeg(data, colorspace="RGB", min_width=-(-w // scale), min_height=-(-h // scale))).resize(TARGET, BILINEAR))
+                Image.fromarray(sj.decode_jpeg(data, colorspace="RGB")).resize(TARGET, BILINEAR)
+            )
+            out[f"simplejpeg 1/{scale} + resize"] = lambda: np.asarray(
+                Image.fromarray(
+                    sj.decode_jpeg(data, colorspace="RGB", min_width=-(-w // scale), min_height=-(-h // scale))
+                ).resize(TARGET, BILINEAR)
+            )
         if cv2 is not None:
             buf = np.frombuffer(data, np.uint8)
-            flag = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2, 1: cv2.IMREAD_COLOR}
+            flag = {
+                8: cv2.IMREAD_REDUCED_COLOR_8,
+                4: cv2.IMREAD_REDUCED_COLOR_4,
+                2: cv2.IMREAD_REDUCED_COLOR_2,
+                1: cv2.IMREAD_COLOR,
+            }
             w, h = Image.open(io.BytesIO(data)).size
             scale = jpeg_scale(w, h, (TARGET[0] * GAP, TARGET[1] * GAP))
-            out[f"opencv reduced 1/{scale} + resize"] = lambda: np.asarray(Image.fromarray(
-                cv2.cvtColor(cv2.imdecode(buf, flag[scale]), cv2.COLOR_BGR2RGB)).resize(TARGET, BILINEAR))
+            out[f"opencv reduced 1/{scale} + resize"] = lambda: np.asarray(
+                Image.fromarray(cv2.cvtColor(cv2.imdecode(buf, flag[scale]), cv2.COLOR_BGR2RGB)).resize(
+                    TARGET, BILINEAR
+                )
+            )
         if tj_mod is not None:
             try:
                 tj = tj_mod.TurboJPEG()
-                out["pyturbojpeg 1/8 + resize"] = lambda: np.asarray(Image.fromarray(
-                    tj.decode(data, pixel_format=tj_mod.TJPF_RGB, scaling_factor=(1, 8))).resize(TARGET, BILINEAR))
+                out["pyturbojpeg 1/8 + resize"] = lambda: np.asarray(
+                    Image.fromarray(tj.decode(data, pixel_format=tj_mod.TJPF_RGB, scaling_factor=(1, 8))).resize(
+                        TARGET, BILINEAR
+                    )
+                )
             except Exception:  # noqa: BLE001, S110 - the wheel needs a system libturbojpeg: not a candidate here
                 pass
     else:
         if spng is not None:
-            out["pyspng + resize"] = lambda: np.asarray(Image.fromarray(spng.load(data, "RGB")).resize(TARGET, BILINEAR))
+            out["pyspng + resize"] = lambda: np.asarray(
+                Image.fromarray(spng.load(data, "RGB")).resize(TARGET, BILINEAR)
+            )
         if cv2 is not None:
             buf = np.frombuffer(data, np.uint8)
-            out["opencv imdecode + resize"] = lambda: np.asarray(Image.fromarray(
-                cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)).resize(TARGET, BILINEAR))
+            out["opencv imdecode + resize"] = lambda: np.asarray(
+                Image.fromarray(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)).resize(
+                    TARGET, BILINEAR
+                )
+            )
     return out
 
 
@@ -116,6 +136,7 @@ def cpu_us(fn: Callable[[], object], n: int) -> float:
 def gil_free_share(fn: Callable[[], object], n: int) -> float:
     """Progress of a pure-Python spinner thread while ``fn`` runs ``n`` times in this thread,
     over its progress alone for the same wall time."""
+
     def spin(stop: threading.Event, count: list[int]) -> None:
         while not stop.is_set():
             count[0] += 1
@@ -139,8 +160,11 @@ def gil_free_share(fn: Callable[[], object], n: int) -> float:
 
 
 def import_ms(module: str, repeats: int = 3) -> float | None:
-    code = (f"import numpy, time; t = time.perf_counter()\ntry:\n    import {module}\nexcept Exception:\n    print('none')\n"
-            "else:\n    print((time.perf_counter() - t) * 1000)")
+    code = (
+        f"import numpy, time; t = time.perf_counter()\ntry:\n    import {module}\nexcept Exception:\n    "
+        "print('none')\n"
+        "else:\n    print((time.perf_counter() - t) * 1000)"
+    )
     values = []
     for _ in range(repeats):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False).stdout.strip()
@@ -159,8 +183,12 @@ def main() -> None:
     rounds, scale_n = (3, 0.3) if args.quick else (args.rounds, 1.0)
 
     inputs = {}
-    for name, (w, h, fmt) in {"png 32x32": (32, 32, "PNG"), "jpeg 640x480": (640, 480, "JPEG"),
-                              "jpeg 1920x1080": (1920, 1080, "JPEG"), "png 640x480": (640, 480, "PNG")}.items():
+    for name, (w, h, fmt) in {
+        "png 32x32": (32, 32, "PNG"),
+        "jpeg 640x480": (640, 480, "JPEG"),
+        "jpeg 1920x1080": (1920, 1080, "JPEG"),
+        "png 640x480": (640, 480, "PNG"),
+    }.items():
         buf = io.BytesIO()
         image = photo_like(w, h, seed=7)
         if w == 32:  # the throughput benchmark's small PNGs: smooth random content
@@ -182,23 +210,35 @@ def main() -> None:
         rows = {}
         for p, fn in paths.items():
             diff = np.abs(fn().astype(int) - reference).max()
-            rows[p] = {"cpu_us_median": round(statistics.median(samples[p]), 1), "cpu_us_min": round(min(samples[p]), 1),
-                       "gil_free_share": round(gil_free_share(fn, max(2, n // 2)), 2),
-                       "max_abs_diff_vs_full_decode": int(diff)}
+            rows[p] = {
+                "cpu_us_median": round(statistics.median(samples[p]), 1),
+                "cpu_us_min": round(min(samples[p]), 1),
+                "gil_free_share": round(gil_free_share(fn, max(2, n // 2)), 2),
+                "max_abs_diff_vs_full_decode": int(diff),
+            }
         results[name] = {"bytes": len(data), "paths": rows}
         base = rows["pillow full decode + resize"]["cpu_us_median"]
         print(f"\n{name} ({len(data):,} bytes)")
         for p, r in sorted(rows.items(), key=lambda kv: kv[1]["cpu_us_median"]):
-            print(f"  {p:34s} {r['cpu_us_median']:9.1f} us  x{base / r['cpu_us_median']:5.2f}  GIL-free {r['gil_free_share']:.2f}"
-                  f"  max|d| {r['max_abs_diff_vs_full_decode']}")
+            print(
+                f"  {p:34s} {r['cpu_us_median']:9.1f} us  x{base / r['cpu_us_median']:5.2f}  GIL-free "
+                f"{r['gil_free_share']:.2f}"
+                f"  max|d| {r['max_abs_diff_vs_full_decode']}"
+            )
     imports = {m: import_ms(m) for m in ("simplejpeg", "pyspng", "cv2", "turbojpeg", "PIL.Image")}
     print("\nimport ms (numpy already imported):", imports)
     result = {
         "benchmark": "per-image decode cost of candidate paths to a 32x32 RGB model input",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "load_average_at_end": list(os.getloadavg())},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_at_end": list(os.getloadavg()),
+        },
         "versions": {m: getattr(_optional(m), "__version__", None) for m in ("PIL", "simplejpeg", "pyspng", "cv2")},
-        "rounds": rounds, "inputs": results, "import_ms": imports,
+        "rounds": rounds,
+        "inputs": results,
+        "import_ms": imports,
         "note": "CPU time on one thread, median of interleaved rounds; the machine may have been shared",
     }
     atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")

@@ -672,8 +672,12 @@ def cmd_probe_provider(args: argparse.Namespace) -> int:
     code = 1
     try:
         session = Session(args.model, provider=args.provider, warmup=1)
-        info.update(status="ok", providers=session.providers, placement=session.placement().summary(),
-                    device_check=session.device_check.to_dict() if session.device_check else None)
+        info.update(
+            status="ok",
+            providers=session.providers,
+            placement=session.placement().summary(),
+            device_check=session.device_check.to_dict() if session.device_check else None,
+        )
         code = 0
     except ProviderError as exc:
         info.update(status="skipped", reason=str(exc)[:600])
@@ -715,7 +719,11 @@ def bench_targets(bench: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if ratio is None else ratio >= TARGET_FP16_VS_FP32_256,
         }
     )
-    b1 = [(name, rows[(name, 1)]["p50_ms"]) for name in ("ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16") if (name, 1) in rows]
+    b1 = [
+        (name, rows[(name, 1)]["p50_ms"])
+        for name in ("ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16")
+        if (name, 1) in rows
+    ]
     best = min(b1, key=lambda kv: kv[1]) if b1 else None
     out.append(
         {

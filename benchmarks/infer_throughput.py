@@ -52,9 +52,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_images import write_photos, write_pngs  # noqa: E402
-
 from stn_deploy.fileio import atomic_write_text  # noqa: E402
+from synthetic_images import write_photos, write_pngs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("png", "photo640", "photo1080", "rss", "one")
@@ -75,8 +74,8 @@ if pid == 0:
     os.execv(argv[0], argv)
 _, status, usage = os.wait4(pid, 0)
 with open(out, "w") as f:
-    json.dump({"start": start, "end": time.time(), "status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
-               "cpu_s": usage.ru_utime + usage.ru_stime}, f)
+    json.dump({"start": start, "end": time.time(), "status": os.waitstatus_to_exitcode(status),
+               "maxrss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}, f)
 """
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -118,8 +117,13 @@ def run(cmd: list[str], *, code: str, rows_on_stdout: bool = False, cwd: str) ->
     env = {**os.environ, "PYTHONPATH": code}
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
         report = tmp.name
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, report, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=cwd, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, report, *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+    )
     tree_pss, cpu_by_pid = [0], {}
     done = threading.Event()
 
@@ -133,7 +137,10 @@ def run(cmd: list[str], *, code: str, rows_on_stdout: bool = False, cwd: str) ->
             tree_pss[0] = max(tree_pss[0], total)
 
     err: list[bytes] = []
-    watchers = [threading.Thread(target=sample, daemon=True), threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]
+    watchers = [
+        threading.Thread(target=sample, daemon=True),
+        threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True),
+    ]
     for w in watchers:
         w.start()
     first_row = None
@@ -174,24 +181,40 @@ class Commands:
         if baseline_commit.lower() != "none":
             base = tmp / "baseline"
             base.mkdir()
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", baseline_commit, "stn_deploy"], capture_output=True, check=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", baseline_commit, "stn_deploy"], capture_output=True, check=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
             self.today = str(base)
         self.workdir = tmp / "cwd"  # not the repository: its stn_deploy/ would shadow PYTHONPATH's
         self.workdir.mkdir()
 
-    def infer(self, which: str, images: Path, model: Path, *flags: str, rows: str | None = None, **kw: Any) -> dict[str, Any]:
+    def infer(
+        self, which: str, images: Path, model: Path, *flags: str, rows: str | None = None, **kw: Any
+    ) -> dict[str, Any]:
         code = self.now if which == "now" else self.today
         assert code is not None
         out = ["-o", rows] if rows else ["-o", str(self.tmp / f"{which}.csv"), "--json"]
-        cmd = [sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model), "--no-progress", *out, *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stn_deploy.infer",
+            str(images),
+            "--model",
+            str(model),
+            "--no-progress",
+            *out,
+            *flags,
+        ]
         result = run(cmd, code=code, cwd=str(self.workdir), **kw)
         result["command"] = " ".join(["stn-infer", str(images.name), "--model", model.name, *flags])
         return result
 
 
 # -- scenarios --------------------------------------------------------------------------------------
-def model_only(model: Path, images: Path, batch: int, threads: int, streams: int, repeats: int) -> list[tuple[float, float]]:
+def model_only(
+    model: Path, images: Path, batch: int, threads: int, streams: int, repeats: int
+) -> list[tuple[float, float]]:
     """(images/s, CPU µs per image) of the session alone over the pre-decoded images, ``repeats`` times."""
     import resource
 
@@ -219,9 +242,12 @@ def _summary(samples: list[tuple[float, float, float | None]]) -> dict[str, Any]
     rates = [x[0] for x in samples]
     cpus = sorted(x[1] for x in samples)
     walls = [x[2] for x in samples if x[2] is not None]
-    return {"best_img_s": round(max(rates), 1), "runs_img_s": [round(r, 1) for r in rates],
-            "cpu_us_per_image_median": round(cpus[len(cpus) // 2], 1),
-            **({"best_wall_s": round(min(walls), 2)} if walls else {})}
+    return {
+        "best_img_s": round(max(rates), 1),
+        "runs_img_s": [round(r, 1) for r in rates],
+        "cpu_us_per_image_median": round(cpus[len(cpus) // 2], 1),
+        **({"best_wall_s": round(min(walls), 2)} if walls else {}),
+    }
 
 
 def _sample(result: dict[str, Any], images: int) -> tuple[float, float, float]:
@@ -250,8 +276,15 @@ def scenario_png(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
             row["ratio_to_model_only"] = round(row["best_img_s"] / best_model, 3)
         best = max((k for k in rows if k.startswith("now")), key=lambda k: rows[k]["best_img_s"])
         out["models"][precision] = {"configs": rows, "best": best, "ratio": rows[best]["ratio_to_model_only"]}
-        print(f"png {precision}: " + ", ".join(f"{k} {v['best_img_s']:.0f} ({v['ratio_to_model_only']:.2f}; "
-                                               f"{v['cpu_us_per_image_median']:.0f} cpu-us/img)" for k, v in rows.items()), file=sys.stderr)
+        print(
+            f"png {precision}: "
+            + ", ".join(
+                f"{k} {v['best_img_s']:.0f} ({v['ratio_to_model_only']:.2f}; "
+                f"{v['cpu_us_per_image_median']:.0f} cpu-us/img)"
+                for k, v in rows.items()
+            ),
+            file=sys.stderr,
+        )
     return out
 
 
@@ -265,7 +298,13 @@ def _agreement(a: Path, b: Path) -> float:
 def scenario_photos(cmds: Commands, args: argparse.Namespace, models: dict[str, Path], name: str) -> dict[str, Any]:
     count, (w, h) = (args.photo_count, (640, 480)) if name == "photo640" else (args.hd_count, (1920, 1080))
     images = args.images_dir / f"{name}_{count}"
-    out: dict[str, Any] = {"images": count, "size": f"{w}x{h}", "jpeg_quality": 90, "flags": "--threads 2", "models": {}}
+    out: dict[str, Any] = {
+        "images": count,
+        "size": f"{w}x{h}",
+        "jpeg_quality": 90,
+        "flags": "--threads 2",
+        "models": {},
+    }
     for precision, model in models.items():
         runs: dict[str, list[tuple[float, float, float | None]]] = {}
         decoders = {}
@@ -288,11 +327,22 @@ def scenario_photos(cmds: Commands, args: argparse.Namespace, models: dict[str, 
         agreement = _agreement(cmds.tmp / f"fast_{precision}.csv", cmds.tmp / "now.csv")
         rows = {k: _summary(v) for k, v in runs.items()}
         ratio = rows["now"]["best_img_s"] / rows["today"]["best_img_s"] if "today" in rows else None
-        out["models"][precision] = {"configs": rows, "ratio_now_to_today": None if ratio is None else round(ratio, 2),
-                                    "decoders_now": decoders, "top1_agreement_fast_vs_exact": round(100 * agreement, 2)}
-        print(f"{name} {precision}: " + ", ".join(f"{k} {v['best_img_s']:.0f} img/s ({v['cpu_us_per_image_median']:.0f} cpu-us/img)"
-                                                 for k, v in rows.items())
-              + (f"; now/today {ratio:.2f}x" if ratio else "") + f"; fast/exact agreement {100 * agreement:.2f}%", file=sys.stderr)
+        out["models"][precision] = {
+            "configs": rows,
+            "ratio_now_to_today": None if ratio is None else round(ratio, 2),
+            "decoders_now": decoders,
+            "top1_agreement_fast_vs_exact": round(100 * agreement, 2),
+        }
+        print(
+            f"{name} {precision}: "
+            + ", ".join(
+                f"{k} {v['best_img_s']:.0f} img/s ({v['cpu_us_per_image_median']:.0f} cpu-us/img)"
+                for k, v in rows.items()
+            )
+            + (f"; now/today {ratio:.2f}x" if ratio else "")
+            + f"; fast/exact agreement {100 * agreement:.2f}%",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -305,7 +355,9 @@ def scenario_rss(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
             if which == "today" and not cmds.today:
                 continue
             r = cmds.infer(which, images, model, "--threads", "2", rows="-", rows_on_stdout=True)
-            out["runs"][f"{which} {count}"] = {k: r[k] for k in ("wall_s", "first_row_s", "peak_rss_mb", "tree_peak_pss_mb", "tree_cpu_s")}
+            out["runs"][f"{which} {count}"] = {
+                k: r[k] for k in ("wall_s", "first_row_s", "peak_rss_mb", "tree_peak_pss_mb", "tree_cpu_s")
+            }
             print(f"rss {which} {count}: {out['runs'][f'{which} {count}']}", file=sys.stderr)
     counts = sorted(map(int, args.rss_counts.split(",")))
     lo, hi = out["runs"].get(f"now {counts[0]}"), out["runs"].get(f"now {counts[-1]}")
@@ -324,14 +376,19 @@ def scenario_one(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
                 if which == "today" and not cmds.today:
                     continue
                 r = cmds.infer(which, image, model, rows=str(cmds.tmp / "one.csv"))
-                out.setdefault(f"{which} {precision}", []).append({k: r[k] for k in ("wall_s", "peak_rss_mb", "tree_cpu_s")})
+                out.setdefault(f"{which} {precision}", []).append(
+                    {k: r[k] for k in ("wall_s", "peak_rss_mb", "tree_cpu_s")}
+                )
     summary = {}
     for key, runs in out.items():
         if key == "image":
             continue
         walls = sorted(r["wall_s"] for r in runs)
-        summary[key] = {"median_wall_s": walls[len(walls) // 2], "best_wall_s": min(walls),
-                        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+        summary[key] = {
+            "median_wall_s": walls[len(walls) // 2],
+            "best_wall_s": min(walls),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        }
         print(f"one image {key}: {summary[key]}", file=sys.stderr)
     out["summary"] = summary
     return out
@@ -352,13 +409,19 @@ def prepare_images(args: argparse.Namespace, scenarios: list[str]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model-int8", type=Path, default=REPO / "build" / "stn_digits.int8.onnx")
     ap.add_argument("--model-fp32", type=Path, default=REPO / "build" / "stn_digits.onnx")
-    ap.add_argument("--images-dir", type=Path, default=REPO / "build" / "bench_images", help="generated images, reused across runs")
+    ap.add_argument(
+        "--images-dir", type=Path, default=REPO / "build" / "bench_images", help="generated images, reused across runs"
+    )
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     ap.add_argument("--png-count", type=int, default=10_000)
-    ap.add_argument("--png-configs", default="process:2,process:1,thread:2,thread:1", help="decode pool:workers for stn-infer now")
+    ap.add_argument(
+        "--png-configs", default="process:2,process:1,thread:2,thread:1", help="decode pool:workers for stn-infer now"
+    )
     ap.add_argument("--photo-count", type=int, default=10_000)
     ap.add_argument("--hd-count", type=int, default=2_000)
     ap.add_argument("--rss-counts", default="10000,100000")
@@ -397,10 +460,16 @@ def main() -> None:
         "benchmark": "stn-infer end to end (issue 13): vs model-only, vs today's stn-infer, memory, start-up",
         "baseline_commit": args.baseline_commit,
         "models": {k: str(v) for k, v in models.items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
         "targets": TARGETS,
-        "accuracy_rule": json.loads(accuracy.read_text()).get("default_gap_meets_rule_everywhere") if accuracy.exists() else None,
+        "accuracy_rule": json.loads(accuracy.read_text()).get("default_gap_meets_rule_everywhere")
+        if accuracy.exists()
+        else None,
         "scenarios": results,
         "note": "best of --repeats interleaved runs; a shared machine gives lower bounds that move between runs",
     }

@@ -44,7 +44,6 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from infer_throughput import export_random_model, write_pngs
 from ray_cluster import LoopbackCluster
-
 from stn_deploy.fileio import atomic_write_text
 
 TARGET_RATIO = 0.70
@@ -144,7 +143,8 @@ def markdown(result: dict) -> str:
     if mn:
         two = (
             f"Two-node cluster on 127.0.0.1 (`ray start` head + worker, {mn['cpus_per_node']} CPU each, "
-            f"{mn['actors']} actors, batch size {mn['batch_size']}): {mn['images']} images; cluster start {mn['cluster_start_s']} s, job "
+            f"{mn['actors']} actors, batch size {mn['batch_size']}): {mn['images']} images; cluster start "
+            f"{mn['cluster_start_s']} s, job "
             f"{mn['job_wall_s']} s wall ({mn['job_images_per_s']} img/s in the pipeline, connecting "
             f"{mn['ray_init_s']} s), stop {mn['cluster_stop_s']} s; rows per node {mn['rows_per_node']}."
         )

@@ -99,15 +99,19 @@ def export_random_model(path: Path) -> Path:
     import torch
 
     from stn_deploy.export import export_model
+    from stn_deploy.preprocessing import Preprocessing
     from stn_deploy.train.checkpoint import Checkpoint, save_checkpoint
     from stn_deploy.train.model import STNConfig, build_model
 
-    from stn_deploy.preprocessing import Preprocessing
-
     torch.manual_seed(0)
     config = STNConfig()
-    ckpt = Checkpoint(config=config, state_dict=build_model(config).state_dict(),
-                      class_names=[str(i) for i in range(config.num_classes)], preprocessing=Preprocessing(), dataset="random")
+    ckpt = Checkpoint(
+        config=config,
+        state_dict=build_model(config).state_dict(),
+        class_names=[str(i) for i in range(config.num_classes)],
+        preprocessing=Preprocessing(),
+        dataset="random",
+    )
     export_model(save_checkpoint(ckpt, path.with_suffix(".pt")), path, with_theta=True, progress=False)
     return path
 
@@ -185,9 +189,13 @@ def check_answers(server: Server, x: np.ndarray, body: bytes, json_size: int, se
     inp = httpclient.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     got = client.infer(server.name, [inp]).as_numpy("log_probs")
-    request = urllib.request.Request(server.infer_url, data=body, headers={"Inference-Header-Content-Length": str(json_size)})
+    request = urllib.request.Request(
+        server.infer_url, data=body, headers={"Inference-Header-Content-Length": str(json_size)}
+    )
     with urllib.request.urlopen(request, timeout=30) as r:
-        raw = httpclient.InferResult.from_response_body(r.read(), header_length=int(r.headers["Inference-Header-Content-Length"]))
+        raw = httpclient.InferResult.from_response_body(
+            r.read(), header_length=int(r.headers["Inference-Header-Content-Length"])
+        )
     for name, value in (("tritonclient", got), ("body file", raw.as_numpy("log_probs"))):
         diff = float(np.abs(value - reference).max())
         if diff > 1e-5:
@@ -224,8 +232,26 @@ def model_only(session, x32: np.ndarray, seconds: float) -> float:
 def hey_overload(server: Server, body_path: Path, json_size: int, rate: float, seconds: float, workers: int) -> dict:
     per_worker = max(1, round(rate / workers))
     total = int(rate * seconds) // workers * workers  # hey sends n // c requests per worker
-    cmd = ["hey", "-n", str(total), "-c", str(workers), "-q", str(per_worker), "-t", "30", "-m", "POST", "-D", str(body_path),
-           "-H", f"Inference-Header-Content-Length: {json_size}", "-o", "csv", server.infer_url]
+    cmd = [
+        "hey",
+        "-n",
+        str(total),
+        "-c",
+        str(workers),
+        "-q",
+        str(per_worker),
+        "-t",
+        "30",
+        "-m",
+        "POST",
+        "-D",
+        str(body_path),
+        "-H",
+        f"Inference-Header-Content-Length: {json_size}",
+        "-o",
+        "csv",
+        server.infer_url,
+    ]
     rss_before = server.rss_mb()
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 10 + 120, check=True).stdout
@@ -263,24 +289,44 @@ def hey_overload(server: Server, body_path: Path, json_size: int, rate: float, s
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import onnxruntime
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "platform": platform.platform(), "load_average": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+        "load_average": os.getloadavg(),
+    }
 
 
 # -- main ------------------------------------------------------------------------------------------------
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="ONNX model (default: export the reference STN, random weights)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", type=Path, default=None, help="ONNX model (default: export the reference STN, random weights)"
+    )
     ap.add_argument("--server-args", default="", help="extra stn-serve options for both servers, e.g. '--threads 2'")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds for the on/off and served/model-only ratios")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds for the on/off and served/model-only ratios"
+    )
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--overload-s", type=float, default=20.0, help="seconds of requests at 4x the saturating rate")
-    ap.add_argument("--overload-workers", type=int, default=640, help="hey workers (more than the server's --max-queue)")
+    ap.add_argument(
+        "--overload-workers", type=int, default=640, help="hey workers (more than the server's --max-queue)"
+    )
     ap.add_argument("--quick", action="store_true", help="3 s runs, one round, a 5 s overload (to validate the script)")
     ap.add_argument("--json-out", type=Path, default=RESULTS / "serve_load.json")
     ap.add_argument("--md-out", type=Path, default=RESULTS / "serve_load.md")
@@ -315,8 +361,17 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_average']}", file=sys.stderr)
     on = Server(model, extra, "stn")
     off = Server(model, [*extra, "--max-batch-size", "1"], "stn")
-    results: dict = {"machine": info, "model": str(model), "server_args": extra, "threads": threads, "streams": streams,
-                     "seconds_per_run": args.seconds, "rounds": args.rounds, "body_bytes": len(body), "json_size": json_size}
+    results: dict = {
+        "machine": info,
+        "model": str(model),
+        "server_args": extra,
+        "threads": threads,
+        "streams": streams,
+        "seconds_per_run": args.seconds,
+        "rounds": args.rounds,
+        "body_bytes": len(body),
+        "json_size": json_size,
+    }
     try:
         check_answers(on, x1, body, json_size, session)
         check_answers(off, x1, body, json_size, session)
@@ -325,8 +380,12 @@ def main() -> None:
         for c in (int(v) for v in args.concurrency.split(",")):
             r = wrk(on.infer_url, script, c, args.seconds)
             sweep.append(r)
-            print(f"batching on, {c:3d} clients: {r['ok_per_s']:7.0f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
-                  f"  non-200 {r['other']}", file=sys.stderr)
+            print(
+                f"batching on, {c:3d} clients: {r['ok_per_s']:7.0f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 "
+                f"{r['p99_ms']:7.2f} ms"
+                f"  non-200 {r['other']}",
+                file=sys.stderr,
+            )
         results["sweep"] = sweep
 
         pairs = {"on32": [], "off32": [], "on64": [], "model32": []}
@@ -336,23 +395,41 @@ def main() -> None:
             pairs["on64"].append(wrk(on.infer_url, script, 64, args.seconds))
             pairs["model32"].append(model_only(session, x32, args.seconds))
         best = {k: max(v, key=lambda r: r["ok_per_s"]) if k != "model32" else max(v) for k, v in pairs.items()}
-        results["batching"] = {"on_32": best["on32"], "off_32": best["off32"],
-                               "ratio": best["on32"]["ok_per_s"] / best["off32"]["ok_per_s"]}
-        results["model_only"] = {"served_64_images_per_s": best["on64"]["ok_per_s"], "model_only_batch32_images_per_s": best["model32"],
-                                 "ratio": best["on64"]["ok_per_s"] / best["model32"], "all_model_only": pairs["model32"]}
-        print(f"batching on/off at 32 clients: {best['on32']['ok_per_s']:.0f} / {best['off32']['ok_per_s']:.0f} = "
-              f"{results['batching']['ratio']:.2f}x", file=sys.stderr)
-        print(f"served at 64 clients / model-only at batch 32: {best['on64']['ok_per_s']:.0f} / {best['model32']:.0f} = "
-              f"{results['model_only']['ratio']:.2f}", file=sys.stderr)
+        results["batching"] = {
+            "on_32": best["on32"],
+            "off_32": best["off32"],
+            "ratio": best["on32"]["ok_per_s"] / best["off32"]["ok_per_s"],
+        }
+        results["model_only"] = {
+            "served_64_images_per_s": best["on64"]["ok_per_s"],
+            "model_only_batch32_images_per_s": best["model32"],
+            "ratio": best["on64"]["ok_per_s"] / best["model32"],
+            "all_model_only": pairs["model32"],
+        }
+        print(
+            f"batching on/off at 32 clients: {best['on32']['ok_per_s']:.0f} / {best['off32']['ok_per_s']:.0f} = "
+            f"{results['batching']['ratio']:.2f}x",
+            file=sys.stderr,
+        )
+        print(
+            f"served at 64 clients / model-only at batch 32: {best['on64']['ok_per_s']:.0f} / {best['model32']:.0f} = "
+            f"{results['model_only']['ratio']:.2f}",
+            file=sys.stderr,
+        )
 
         saturating = max(r["ok_per_s"] for r in [*sweep, *pairs["on64"], *pairs["on32"]])
         off.stop()
         overload = hey_overload(on, body_path, json_size, 4 * saturating, args.overload_s, args.overload_workers)
         overload["saturating_rate"] = saturating
         results["overload"] = overload
-        print(f"overload: offered {overload['offered_rate']:.0f}/s, achieved {overload['achieved_rate']:.0f}/s, codes {overload['codes']}, "
-              f"accepted p99 {overload['accepted_p99_ms']:.0f} ms, RSS {overload['rss_before_mb']:.0f} -> {overload['rss_after_mb']:.0f} MB, "
-              f"ready after: {overload['ready_after']}", file=sys.stderr)
+        print(
+            f"overload: offered {overload['offered_rate']:.0f}/s, achieved {overload['achieved_rate']:.0f}/s, codes "
+            f"{overload['codes']}, "
+            f"accepted p99 {overload['accepted_p99_ms']:.0f} ms, RSS {overload['rss_before_mb']:.0f} -> "
+            f"{overload['rss_after_mb']:.0f} MB, "
+            f"ready after: {overload['ready_after']}",
+            file=sys.stderr,
+        )
     finally:
         on_code = on.stop()
         off.stop()
@@ -376,36 +453,63 @@ def main() -> None:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
-        (f"stn-serve under load (`benchmarks/serve_load.py`), {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}; "
-        f"load average {m['load_average'][0]:.1f} at the start and {m['load_average_end'][0]:.1f} at the end (a shared machine: other "
-        f"processes ran too). Server: `stn-serve {' '.join(r['server_args']) or '(defaults)'}` ({r['threads']} ONNX Runtime thread(s), "
-        f"{r['streams']} stream(s)); wrk with one thread, {r['seconds_per_run']:g} s per run; each request one 1×3×32×32 FP32 image "
-        f"as tritonclient sends it (binary, all outputs binary); the server writes its access log."),
+        (
+            f"stn-serve under load (`benchmarks/serve_load.py`), {m['cpu']}, {m['cores']} cores, onnxruntime "
+            f"{m['onnxruntime']}; "
+            f"load average {m['load_average'][0]:.1f} at the start and {m['load_average_end'][0]:.1f} at the end (a "
+            "shared machine: other "
+            f"processes ran too). Server: `stn-serve {' '.join(r['server_args']) or '(defaults)'}` ({r['threads']} "
+            "ONNX Runtime thread(s), "
+            f"{r['streams']} stream(s)); wrk with one thread, {r['seconds_per_run']:g} s per run; each request one "
+            "1×3×32×32 FP32 image "
+            f"as tritonclient sends it (binary, all outputs binary); the server writes its access log."
+        ),
         "",
         "| clients | req/s (= images/s) | p50 ms | p99 ms | non-200 |",
         "|---:|---:|---:|---:|---:|",
     ]
     for s in r["sweep"]:
-        lines.append(f"| {s['connections']} | {s['ok_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['other']} |")
+        lines.append(
+            f"| {s['connections']} | {s['ok_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['other']} |"
+        )
     b, mo, o = r["batching"], r["model_only"], r["overload"]
     lines += [
         "",
         "| check | measured | target | met |",
         "|---|---|---|---|",
-        (f"| batching on ÷ off (`--max-batch-size 1`), 32 clients | {b['on_32']['ok_per_s']:.0f} ÷ {b['off_32']['ok_per_s']:.0f} req/s = "
-        f"**{b['ratio']:.2f}×** | ≥ 3× | {'yes' if r['targets']['batching_ratio_ge_3'] else 'no'} |"),
-        (f"| served images/s at 64 clients ÷ model-only at batch 32 | {mo['served_64_images_per_s']:.0f} ÷ "
-        f"{mo['model_only_batch32_images_per_s']:.0f} = **{mo['ratio']:.2f}** | ≥ 0.5 | {'yes' if r['targets']['served_vs_model_ge_0_5'] else 'no'} |"),
-        (f"| overload: {o['offered_rate']:.0f} req/s offered (4× {o['saturating_rate']:.0f}) by {o['workers']} hey workers, "
-        f"{o['requests']} requests, {o['seconds']:.0f} s | codes {json.dumps(o['codes'])}, {o['connection_errors']} connection errors | "
-        f"only 200/503 | {'yes' if r['targets']['overload_only_200_503'] else 'no'} |"),
-        (f"| overload: accepted requests' latency | p50 {o['accepted_p50_ms']:.0f} ms, p99 **{o['accepted_p99_ms']:.0f} ms** "
-        f"(503s: p99 {o['refused_p99_ms']:.0f} ms) | bounded | — |"),
-        (f"| overload: server RSS | {o['rss_before_mb']:.0f} → {o['rss_after_mb']:.0f} MB ({o['rss_growth_mb']:+.1f} MB) | < 100 MB growth | "
-        f"{'yes' if r['targets']['overload_rss_growth_lt_100mb'] else 'no'} |"),
-        (f"| overload: `/v2/health/ready` afterwards | {'200' if o['ready_after'] else 'not ready'} | 200 | "
-        f"{'yes' if r['targets']['ready_after_overload'] else 'no'} |"),
-        f"| SIGTERM after the run | exit {r['server_exit_code']} | 0 | {'yes' if r['server_exit_code'] == 0 else 'no'} |",
+        (
+            f"| batching on ÷ off (`--max-batch-size 1`), 32 clients | {b['on_32']['ok_per_s']:.0f} ÷ "
+            f"{b['off_32']['ok_per_s']:.0f} req/s = "
+            f"**{b['ratio']:.2f}×** | ≥ 3× | {'yes' if r['targets']['batching_ratio_ge_3'] else 'no'} |"
+        ),
+        (
+            f"| served images/s at 64 clients ÷ model-only at batch 32 | {mo['served_64_images_per_s']:.0f} ÷ "
+            f"{mo['model_only_batch32_images_per_s']:.0f} = **{mo['ratio']:.2f}** | ≥ 0.5 | "
+            f"{'yes' if r['targets']['served_vs_model_ge_0_5'] else 'no'} |"
+        ),
+        (
+            f"| overload: {o['offered_rate']:.0f} req/s offered (4× {o['saturating_rate']:.0f}) by {o['workers']} "
+            "hey workers, "
+            f"{o['requests']} requests, {o['seconds']:.0f} s | codes {json.dumps(o['codes'])}, "
+            f"{o['connection_errors']} connection errors | "
+            f"only 200/503 | {'yes' if r['targets']['overload_only_200_503'] else 'no'} |"
+        ),
+        (
+            f"| overload: accepted requests' latency | p50 {o['accepted_p50_ms']:.0f} ms, p99 "
+            f"**{o['accepted_p99_ms']:.0f} ms** "
+            f"(503s: p99 {o['refused_p99_ms']:.0f} ms) | bounded | — |"
+        ),
+        (
+            f"| overload: server RSS | {o['rss_before_mb']:.0f} → {o['rss_after_mb']:.0f} MB "
+            f"({o['rss_growth_mb']:+.1f} MB) | < 100 MB growth | "
+            f"{'yes' if r['targets']['overload_rss_growth_lt_100mb'] else 'no'} |"
+        ),
+        (
+            f"| overload: `/v2/health/ready` afterwards | {'200' if o['ready_after'] else 'not ready'} | 200 | "
+            f"{'yes' if r['targets']['ready_after_overload'] else 'no'} |"
+        ),
+        f"| SIGTERM after the run | exit {r['server_exit_code']} | 0 | "
+        f"{'yes' if r['server_exit_code'] == 0 else 'no'} |",
         "",
     ]
     return "\n".join(lines)

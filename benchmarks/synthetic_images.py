@@ -46,7 +46,9 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     image = Image.blend(image, layer.resize((width, height), Image.Resampling.BILINEAR), 0.85)
     # Texture (mid frequencies) and sensor-like grain (high frequencies), one grey layer around 128.
     th, tw = max(2, height // 8), max(2, width // 8)
-    texture = Image.fromarray(rng.integers(0, 256, (th, tw), dtype=np.uint8)).resize((width, height), Image.Resampling.BILINEAR)
+    texture = Image.fromarray(rng.integers(0, 256, (th, tw), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
     noise = np.asarray(texture, dtype=np.uint8) // 6 + rng.integers(107, 120, (height, width), dtype=np.uint8)
     grey = Image.fromarray(noise, "L")
     return ImageChops.add(image, Image.merge("RGB", (grey, grey, grey)), scale=1.0, offset=-128)

@@ -33,8 +33,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_stn_train(arch: str, output: Path, seed: int, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "stn_deploy.train.cli", "--arch", arch, "--seed", str(seed),
-               "--device", "cpu", "--output", str(output), "--json", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "stn_deploy.train.cli",
+        "--arch",
+        arch,
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "--output",
+        str(output),
+        "--json",
+        "--no-progress",
+    ]
     print(f"$ stn-train {' '.join(command[3:])}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -73,10 +86,14 @@ def main() -> None:
     recipe = {k: v for k, v in vars(TrainConfig()).items() if k not in ("output", "data_dir", "download", "device")}
     result = {
         "benchmark": "train_digits",
-        "command": "stn-train --arch {stn,cnn} --seed %d --device cpu --json" % args.seed,
+        "command": f"stn-train --arch {{stn,cnn}} --seed {args.seed} --device cpu --json",
         "recipe": {**recipe, "distortion": {k: v for k, v in vars(DEFAULT_DISTORTION).items()}},
-        "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "stn": {k: v for k, v in stn.items() if k != "history"},
         "cnn": {k: v for k, v in cnn.items() if k != "history"},
         "stn_history": stn["history"],
@@ -93,15 +110,22 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"STN test error  {100 * stn_error:5.2f}%  (target <= {100 * TARGET_STN_ERROR:.1f}%)  best epoch "
-          f"{stn['best_epoch']}/{stn['epochs']}")
+    print(
+        f"STN test error  {100 * stn_error:5.2f}%  (target <= {100 * TARGET_STN_ERROR:.1f}%)  best epoch "
+        f"{stn['best_epoch']}/{stn['epochs']}"
+    )
     print(f"CNN test error  {100 * cnn_error:5.2f}%  best epoch {cnn['best_epoch']}/{cnn['epochs']}")
     print(f"CNN / STN error {ratio:5.2f}x   (target >= {TARGET_RATIO:.0f}x)")
-    print(f"STN training    {stn['seconds']:.1f}s in the loop, {stn['wall_seconds']:.1f}s wall for the command "
-          f"(target <= {TARGET_STN_SECONDS:.0f}s; load average {stn['load_average_before']} -> "
-          f"{stn['load_average_after']})")
+    print(
+        f"STN training    {stn['seconds']:.1f}s in the loop, {stn['wall_seconds']:.1f}s wall for the command "
+        f"(target <= {TARGET_STN_SECONDS:.0f}s; load average {stn['load_average_before']} -> "
+        f"{stn['load_average_after']})"
+    )
     print(f"CNN training    {cnn['seconds']:.1f}s in the loop, {cnn['wall_seconds']:.1f}s wall")
-    print(f"{'PASS' if result['passed'] else 'FAIL'}: {', '.join(k for k, ok in checks.items() if not ok) or 'all targets met'}")
+    print(
+        f"{'PASS' if result['passed'] else 'FAIL'}: "
+        f"{', '.join(k for k, ok in checks.items() if not ok) or 'all targets met'}"
+    )
     print(f"wrote {args.out}")
     sys.exit(0 if result["passed"] else 1)
 

@@ -14,6 +14,7 @@ import onnx.checker
 import onnx.shape_inference
 
 from stn_deploy.errors import ModelFileError, one_line
+
 from .report import CheckResult
 
 BATCH_SIZES = (1, 7, 64)

@@ -13,15 +13,29 @@ from stn_deploy import metadata as md
 from stn_deploy.console import report_errors, to_json
 from stn_deploy.errors import ExportCheckError
 from stn_deploy.fileio import check_writable
+
 from .next_steps import format_next_steps, next_steps
-from .quantize import CONFIGS as INT8_CONFIGS, FAST_CPU
+from .quantize import CONFIGS as INT8_CONFIGS
+from .quantize import FAST_CPU
 from .targets import TARGETS
 from .triton_repo import write_triton_repo
 
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
 # Options that shape the export itself; an .onnx MODEL has been exported already.
-_EXPORT_ONLY = ("target", "opset", "with_theta", "with_warped", "optimize", "parity_samples",
-                "image_size", "mean", "std", "channels", "class_names", "trust_archive")
+_EXPORT_ONLY = (
+    "target",
+    "opset",
+    "with_theta",
+    "with_warped",
+    "optimize",
+    "parity_samples",
+    "image_size",
+    "mean",
+    "std",
+    "channels",
+    "class_names",
+    "trust_archive",
+)
 
 
 def default_output(model: Path, target: str) -> Path:
@@ -117,28 +131,56 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     default=None,
     help=".pt2 only: comma-separated class names, or a file (one per line, or a JSON list).",
 )
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write OUTPUT.int8.onnx beside the fp32 file (for an .onnx MODEL: -o, default MODEL.int8.onnx): "
-                   "ONNX Runtime static int8 in the --int8-config configuration (benchmarks/INT8.md).")
-@click.option("--int8-config", type=click.Choice(list(INT8_CONFIGS)), default=FAST_CPU.name, show_default=True,
-              help="int8 configuration: fast-cpu (fastest on ONNX Runtime's CPU EP), plain (no conv unfolding; for OpenVINO "
-                   "and other int8 runtimes), ort-default-qdq (quantize_static's defaults, for comparison).")
-@click.option("--calibration", default=None, help="int8 calibration samples: an image DIR or a dataset name (its train split).")
-@click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
-              help="Refuse the int8 model if it loses more top-1 points than this on the test split (negative: no limit).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: also write OUTPUT.fp16.onnx beside the fp32 file (for an .onnx MODEL: -o, default MODEL.fp16.onnx) "
-                   "for GPU targets (fp32 I/O; θ path and GridSample stay fp32).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="Also write OUTPUT.int8.onnx beside the fp32 file (for an .onnx MODEL: -o, default MODEL.int8.onnx): "
+    "ONNX Runtime static int8 in the --int8-config configuration (benchmarks/INT8.md).",
+)
+@click.option(
+    "--int8-config",
+    type=click.Choice(list(INT8_CONFIGS)),
+    default=FAST_CPU.name,
+    show_default=True,
+    help="int8 configuration: fast-cpu (fastest on ONNX Runtime's CPU EP), plain (no conv unfolding; for OpenVINO "
+    "and other int8 runtimes), ort-default-qdq (quantize_static's defaults, for comparison).",
+)
+@click.option(
+    "--calibration", default=None, help="int8 calibration samples: an image DIR or a dataset name (its train split)."
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Refuse the int8 model if it loses more top-1 points than this on the test split (negative: no limit).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16: also write OUTPUT.fp16.onnx beside the fp32 file (for an .onnx MODEL: -o, default MODEL.fp16.onnx) "
+    "for GPU targets (fp32 I/O; θ path and GridSample stay fp32).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Write the export report as JSON to stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="After the export, also write a Triton model repository entry for the fp32 file: "
-                   "DIR/<output stem>/config.pbtxt, DIR/<output stem>/1/model.onnx, labels.txt (docs/serve.md).")
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="After the export, also write a Triton model repository entry for the fp32 file: "
+    "DIR/<output stem>/config.pbtxt, DIR/<output stem>/1/model.onnx, labels.txt (docs/serve.md).",
+)
 # -- hardening (issue 12)
-@click.option("--trust-archive", is_flag=True,
-              help=".pt2 only: skip the check that every expression, guard, name and operator in the archive is one "
-                   "torch writes for a plain model (torch runs them as code). Only for an archive you made or trust; "
-                   "pickled objects are refused either way.")
+@click.option(
+    "--trust-archive",
+    is_flag=True,
+    help=".pt2 only: skip the check that every expression, guard, name and operator in the archive is one "
+    "torch writes for a plain model (torch runs them as code). Only for an archive you made or trust; "
+    "pickled objects are refused either way.",
+)
 # -- end hardening
 @report_errors
 def main(
@@ -192,11 +234,21 @@ def main(
         raise click.UsageError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
     if model.suffix.lower() == ".onnx":
         if triton_repo is not None:
-            raise click.BadParameter(f"writes the file an export makes; for {model} run: python -m "
-                                     f"stn_deploy.export.triton_repo {model} {triton_repo}", param_hint="--triton-repo")
+            raise click.BadParameter(
+                f"writes the file an export makes; for {model} run: python -m "
+                f"stn_deploy.export.triton_repo {model} {triton_repo}",
+                param_hint="--triton-repo",
+            )
         _derive_from_onnx(
-            model, output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
-            max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
+            model,
+            output,
+            quantize=quantize,
+            precision=precision,
+            calibration=calibration,
+            int8_config=int8_config,
+            max_accuracy_drop=max_accuracy_drop,
+            data_dir=data_dir,
+            as_json=as_json,
         )
         return
     pre_overrides = {
@@ -211,7 +263,9 @@ def main(
     }
     output = output or default_output(model, target)
     if model.exists() and output.resolve() == model.resolve():
-        raise click.BadParameter(f"{output} is MODEL itself; the ONNX file needs a file of its own", param_hint="-o/--output")
+        raise click.BadParameter(
+            f"{output} is MODEL itself; the ONNX file needs a file of its own", param_hint="-o/--output"
+        )
     check_writable(output)  # a bad -o fails now, not after the export and its checks
     if not as_json:
         click.echo(f"Exporting {model} -> {output} (target {target})", err=True)
@@ -247,8 +301,14 @@ def main(
     variants = {}  # export_model raised on any failed check, so the fp32 file here has passed them all
     if quantize or precision != "fp32":
         variants = _variants(
-            report.output, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
-            max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
+            report.output,
+            quantize=quantize,
+            precision=precision,
+            calibration=calibration,
+            int8_config=int8_config,
+            max_accuracy_drop=max_accuracy_drop,
+            data_dir=data_dir,
+            as_json=as_json,
         )
     if triton_repo is not None:  # the verified fp32 file as a Triton model repository entry
         variants["triton_repo"] = str(write_triton_repo(report.output, triton_repo))
@@ -256,7 +316,9 @@ def main(
             click.echo(f"Wrote Triton model repository entry {variants['triton_repo']}", err=True)
     int8 = variants.get("int8", {})
     steps = next_steps(
-        report.output, target=report.target, dataset=report.metadata.get(md.DATASET, ""),
+        report.output,
+        target=report.target,
+        dataset=report.metadata.get(md.DATASET, ""),
         int8_written=Path(int8["output"]) if int8.get("written") else None,
     )
     if as_json:
@@ -281,19 +343,33 @@ def _derive_from_onnx(
     ctx = click.get_current_context()
     for param in ctx.command.params:
         if param.name in _EXPORT_ONLY and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
-            raise click.BadParameter(f"{model} is ONNX already; this option shapes an export from .pt/.pt2",
-                                     param_hint="/".join(param.opts))
+            raise click.BadParameter(
+                f"{model} is ONNX already; this option shapes an export from .pt/.pt2", param_hint="/".join(param.opts)
+            )
     if quantize is None and precision == "fp32":
-        raise click.UsageError(f"{model} is ONNX already: add --quantize int8 and/or --precision fp16 to derive a variant")
+        raise click.UsageError(
+            f"{model} is ONNX already: add --quantize int8 and/or --precision fp16 to derive a variant"
+        )
     if output is not None and quantize and precision == "fp16":
-        raise click.BadParameter("names one file but two variants were asked for; leave it out to write both beside MODEL",
-                                 param_hint="-o/--output")
+        raise click.BadParameter(
+            "names one file but two variants were asked for; leave it out to write both beside MODEL",
+            param_hint="-o/--output",
+        )
     if output is not None and model.exists() and output.resolve() == model.resolve():
-        raise click.BadParameter(f"{output} is MODEL itself; the variant needs a file of its own", param_hint="-o/--output")
+        raise click.BadParameter(
+            f"{output} is MODEL itself; the variant needs a file of its own", param_hint="-o/--output"
+        )
     variants = _variants(
-        model, quantize=quantize, precision=precision, calibration=calibration, int8_config=int8_config,
-        max_accuracy_drop=max_accuracy_drop, data_dir=data_dir, as_json=as_json,
-        int8_output=output if quantize else None, fp16_output=output if precision == "fp16" else None,
+        model,
+        quantize=quantize,
+        precision=precision,
+        calibration=calibration,
+        int8_config=int8_config,
+        max_accuracy_drop=max_accuracy_drop,
+        data_dir=data_dir,
+        as_json=as_json,
+        int8_output=output if quantize else None,
+        fp16_output=output if precision == "fp16" else None,
     )
     if as_json:
         click.echo(to_json({"source": str(model), **variants}))
@@ -305,8 +381,10 @@ def _variants(fp32: Path, *, max_accuracy_drop: float, as_json: bool, **options)
     from .variants import derive_variants
 
     return derive_variants(
-        fp32, max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
-        echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)), **options,
+        fp32,
+        max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
+        echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
+        **options,
     )
 
 

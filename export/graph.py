@@ -88,9 +88,11 @@ def ensure_node_names(graph: ir.Graph) -> None:
 def op_counts(model: onnx.ModelProto | ir.Model) -> dict[str, int]:
     """``{op_type: count}`` of the top-level graph (``domain.op`` outside the default domain)."""
     graph = model.graph
-    nodes = [(n.op_type, n.domain) for n in graph] if isinstance(model, ir.Model) else [
-        (n.op_type, n.domain) for n in graph.node
-    ]
+    nodes = (
+        [(n.op_type, n.domain) for n in graph]
+        if isinstance(model, ir.Model)
+        else [(n.op_type, n.domain) for n in graph.node]
+    )
     counts = Counter(op if domain in ("", "ai.onnx") else f"{domain}.{op}" for op, domain in nodes)
     return dict(sorted(counts.items()))
 

@@ -50,7 +50,16 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.convenience import replace_nodes_and_values
 
-from .graph import add_initializer, constant, drop_unused_initializers, forget_shapes, static_chw, to_ir, to_proto, unique_name
+from .graph import (
+    add_initializer,
+    constant,
+    drop_unused_initializers,
+    forget_shapes,
+    static_chw,
+    to_ir,
+    to_proto,
+    unique_name,
+)
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,9 @@ def _affine_grid_as_matmul(model: ir.Model) -> int:
         if unsq_axes is None or unsq_axes.tolist() != [1]:
             continue
         matrix = add_initializer(graph, base[:, :, 0], f"{mul.inputs[base_index].name}_matrix")
-        matmul = ir.Node("", "MatMul", [matrix, unsqueeze.inputs[0]], outputs=[ir.Value()], name=f"{reduce.name}_as_matmul")
+        matmul = ir.Node(
+            "", "MatMul", [matrix, unsqueeze.inputs[0]], outputs=[ir.Value()], name=f"{reduce.name}_as_matmul"
+        )
         old = [reduce, mul] + ([unsqueeze] if _only_reader(unsqueeze.outputs[0]) is mul else [])
         replace_nodes_and_values(graph, reduce, old, [matmul], [reduce.outputs[0]], matmul.outputs)
         count += 1
@@ -229,8 +240,16 @@ def _crop_unpooled_conv_input(model: ir.Model) -> int:
             continue
         in_h, in_w = read_h + kh - 1, read_w + kw - 1
         source = conv.inputs[0]
-        crop = _slice(graph, source, [0, 0], [in_h, in_w], [2, 3], f"{conv.name}_crop", f"{conv.name}_crop",
-                      f"{source.name}_crop{in_h}x{in_w}")
+        crop = _slice(
+            graph,
+            source,
+            [0, 0],
+            [in_h, in_w],
+            [2, 3],
+            f"{conv.name}_crop",
+            f"{conv.name}_crop",
+            f"{source.name}_crop{in_h}x{in_w}",
+        )
         graph.insert_before(conv, crop)
         conv.replace_input_with(0, crop.outputs[0])
         forget_shapes(n.outputs[0] for n in chain)
@@ -263,7 +282,12 @@ def _crop_through_pool(model: ir.Model) -> int:
         if steps is not None and any(v != 1 for v in steps.tolist()):
             continue
         pool = crop.inputs[0].producer()
-        if pool is None or pool.op_type != "MaxPool" or len(pool.outputs) != 1 or _only_reader(pool.outputs[0]) is not crop:
+        if (
+            pool is None
+            or pool.op_type != "MaxPool"
+            or len(pool.outputs) != 1
+            or _only_reader(pool.outputs[0]) is not crop
+        ):
             continue
         if not _floor_unpadded_pool(pool):
             continue
@@ -291,8 +315,16 @@ def _crop_through_pool(model: ir.Model) -> int:
         in_h = (h - 1) * strides[0] + kernel[0] + weight.shape[2] - 1
         in_w = (w - 1) * strides[1] + kernel[1] + weight.shape[3] - 1
         source = conv.inputs[0]
-        slice_in = _slice(graph, source, [0, 0], [in_h, in_w], [2, 3], f"{conv.name}_crop", f"{conv.name}_crop",
-                          f"{source.name}_crop{in_h}x{in_w}")
+        slice_in = _slice(
+            graph,
+            source,
+            [0, 0],
+            [in_h, in_w],
+            [2, 3],
+            f"{conv.name}_crop",
+            f"{conv.name}_crop",
+            f"{source.name}_crop{in_h}x{in_w}",
+        )
         graph.insert_before(conv, slice_in)
         conv.replace_input_with(0, slice_in.outputs[0])
         # The pool now yields exactly h × w: its readers take its output in place of the Slice's.
@@ -313,8 +345,9 @@ def _crop_through_pool(model: ir.Model) -> int:
 EXACT_RULES = (
     Rule("relu_before_maxpool", _relu_before_maxpool, "Relu after a MaxPool that nothing else reads"),
     Rule("affine_grid_as_matmul", _affine_grid_as_matmul, "affine grid as ReduceSum(Mul(base grid, Unsqueeze(θᵀ)))"),
-    Rule("crop_unpooled_conv_input", _crop_unpooled_conv_input,
-         "plain Conv whose floor-mode MaxPool leaves rows unread"),
+    Rule(
+        "crop_unpooled_conv_input", _crop_unpooled_conv_input, "plain Conv whose floor-mode MaxPool leaves rows unread"
+    ),
     Rule("crop_through_pool", _crop_through_pool, "origin-anchored Slice of a pooled plain Conv's output"),
 )
 
@@ -335,14 +368,22 @@ def pad_conv_input_channels(multiple: int = 4, nodes: set[str] | None = None) ->
             if weight is None or weight.shape[1] % multiple == 0:
                 continue
             extra = multiple - weight.shape[1] % multiple
-            padded_w = np.concatenate([weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], axis=1)
+            padded_w = np.concatenate(
+                [weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], axis=1
+            )
             w_value = add_initializer(graph, padded_w, f"{conv.inputs[1].name}_padded")
             pads = np.zeros(2 * weight.ndim, dtype=np.int64)
             pads[weight.ndim + 1] = extra
             p_value = add_initializer(graph, pads, f"{conv.name}_channel_pads")
             padded = ir.Value(name=unique_name(graph, f"{conv.inputs[0].name}_padded{weight.shape[1] + extra}ch"))
-            pad = ir.Node("", "Pad", [conv.inputs[0], p_value], [ir.AttrString("mode", "constant")], outputs=[padded],
-                          name=f"{conv.name}_pad_channels")
+            pad = ir.Node(
+                "",
+                "Pad",
+                [conv.inputs[0], p_value],
+                [ir.AttrString("mode", "constant")],
+                outputs=[padded],
+                name=f"{conv.name}_pad_channels",
+            )
             graph.insert_before(conv, pad)
             conv.replace_input_with(0, padded)
             conv.replace_input_with(1, w_value)
@@ -384,19 +425,38 @@ def unfold_conv_rows(max_input_channels: int = 4, multiple: int = 4) -> Rule:
                 continue
             source = conv.inputs[0]
             new_nodes = [
-                _slice(graph, source, [i], [i + out_h], [2], f"{conv.name}_row{i}", f"{conv.name}_row{i}",
-                       f"{source.name}_row{i}")
+                _slice(
+                    graph,
+                    source,
+                    [i],
+                    [i + out_h],
+                    [2],
+                    f"{conv.name}_row{i}",
+                    f"{conv.name}_row{i}",
+                    f"{source.name}_row{i}",
+                )
                 for i in range(kh)
             ]
             rows = [n.outputs[0] for n in new_nodes]
             if extra:
-                pad = _slice(graph, rows[0], [0], [extra], [1], f"{conv.name}_channel_pad", f"{conv.name}_channel_pad",
-                             f"{source.name}_row0_channel_pad")
+                pad = _slice(
+                    graph,
+                    rows[0],
+                    [0],
+                    [extra],
+                    [1],
+                    f"{conv.name}_channel_pad",
+                    f"{conv.name}_channel_pad",
+                    f"{source.name}_row0_channel_pad",
+                )
                 new_nodes.append(pad)
                 rows.append(pad.outputs[0])
             unfolded = ir.Value(name=unique_name(graph, f"{source.name}_rows_unfolded"))
-            new_nodes.append(ir.Node("", "Concat", rows, [ir.AttrInt64("axis", 1)], outputs=[unfolded],
-                                     name=f"{conv.name}_unfold_rows"))
+            new_nodes.append(
+                ir.Node(
+                    "", "Concat", rows, [ir.AttrInt64("axis", 1)], outputs=[unfolded], name=f"{conv.name}_unfold_rows"
+                )
+            )
             graph.insert_before(conv, new_nodes)
 
             unfolded_w = np.zeros((out_ch, in_ch * kh + extra, 1, kw), dtype=weight.dtype)

@@ -66,9 +66,7 @@ def measure_int8_speedup(fp32: Path, int8: Path | None = None, *, dataset: str =
                     start = time.perf_counter()
                     session.run(x, [md.LOG_PROBS])
                     times[name].append((time.perf_counter() - start) * 1000)
-    return Int8Speedup(
-        float(np.median(times["fp32"])), float(np.median(times["int8"])), PROBE_BATCH, PROBE_RUNS, label
-    )
+    return Int8Speedup(float(np.median(times["fp32"])), float(np.median(times["int8"])), PROBE_BATCH, PROBE_RUNS, label)
 
 
 def _calibration_images(preprocessing, dataset: str) -> np.ndarray:
@@ -93,7 +91,9 @@ def next_steps(
         steps["infer"] = f"stn-infer IMAGES_DIR --model {model} --output predictions.csv"
         calibration = dataset if dataset in BUILTIN_DATASETS else "CALIBRATION_IMAGES_DIR"
         if int8_written is not None:
-            steps["infer_int8"] = f"stn-infer IMAGES_DIR --model {shlex.quote(str(int8_written))} --output predictions.csv"
+            steps["infer_int8"] = (
+                f"stn-infer IMAGES_DIR --model {shlex.quote(str(int8_written))} --output predictions.csv"
+            )
         else:
             steps["quantize"] = f"stn-export {model} --quantize int8 --calibration {calibration}"
         if measure:

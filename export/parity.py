@@ -23,7 +23,6 @@ The thresholds are the project's parity bar: max |Δ log-prob| ≤ 1e-4 and iden
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +207,9 @@ def _diff(values: np.ndarray) -> OutputDiff:
 def parity_verdict(stats: ParityStats, tolerance: float = MAX_ABS_DIFF) -> tuple[bool, str, dict]:
     """The parity bar on every compared output, and identical top-1."""
     failures = [  # "not <=": a NaN difference fails too
-        f"{name} max |Δ| {d.max_abs:.3g} > {tolerance:g}" for name, d in stats.outputs.items() if not d.max_abs <= tolerance
+        f"{name} max |Δ| {d.max_abs:.3g} > {tolerance:g}"
+        for name, d in stats.outputs.items()
+        if not d.max_abs <= tolerance
     ]
     if stats.top1_agreement < 1.0:
         failures.append(f"top-1 agreement {stats.top1_agreement:.4%} < 100%")

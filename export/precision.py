@@ -66,13 +66,22 @@ class Fp16Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": str(self.source), "output": str(self.output), "written": self.written,
-            "checked_with": self.checked_with, "n_inputs": self.n_inputs,
-            "max_abs_diff": self.max_abs_diff, "max_abs_diff_all_classes": self.max_abs_diff_all,
-            "top1_agreement": self.top1_agreement, "passed": self.passed,
-            "bounds": {"max_abs_diff": FP16_MAX_ABS_DIFF, "over_log_prob_at_least": FP16_VISIBLE_LOG_PROB,
-                       "min_top1_agreement": FP16_MIN_TOP1_AGREEMENT},
-            "fp32_nodes": self.fp32_nodes, "seconds": round(self.seconds, 2),
+            "source": str(self.source),
+            "output": str(self.output),
+            "written": self.written,
+            "checked_with": self.checked_with,
+            "n_inputs": self.n_inputs,
+            "max_abs_diff": self.max_abs_diff,
+            "max_abs_diff_all_classes": self.max_abs_diff_all,
+            "top1_agreement": self.top1_agreement,
+            "passed": self.passed,
+            "bounds": {
+                "max_abs_diff": FP16_MAX_ABS_DIFF,
+                "over_log_prob_at_least": FP16_VISIBLE_LOG_PROB,
+                "min_top1_agreement": FP16_MIN_TOP1_AGREEMENT,
+            },
+            "fp32_nodes": self.fp32_nodes,
+            "seconds": round(self.seconds, 2),
         }
 
     def format_table(self) -> str:
@@ -81,7 +90,8 @@ class Fp16Report:
             f"fp16: {self.source} -> {self.output}\n"
             f"  parity {verdict}  max |Δ log-prob| {self.max_abs_diff:.3g} (bound {FP16_MAX_ABS_DIFF:g}, classes with "
             f"log-prob >= {FP16_VISIBLE_LOG_PROB:g}; all classes {self.max_abs_diff_all:.3g}), top-1 agreement "
-            f"{self.top1_agreement:.2f}% (bound {FP16_MIN_TOP1_AGREEMENT:g}%) on {self.n_inputs} inputs ({self.checked_with})\n"
+            f"{self.top1_agreement:.2f}% (bound {FP16_MIN_TOP1_AGREEMENT:g}%) on {self.n_inputs} inputs "
+            f"({self.checked_with})\n"
             f"  fp32 kept: {', '.join(self.fp32_nodes) or 'none'}"
         )
 
@@ -128,14 +138,20 @@ def _skip_fp16_round_trips(graph: ir.Graph) -> None:
         if cast_to(node) == onnx.TensorProto.FLOAT and cast_to(first) == onnx.TensorProto.FLOAT16:
             node.replace_input_with(0, first.inputs[0])  # an fp32 → fp32 Cast: the value passes unrounded
     for node in list(graph):
-        if cast_to(node) == onnx.TensorProto.FLOAT16 and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+        if (
+            cast_to(node) == onnx.TensorProto.FLOAT16
+            and not node.outputs[0].uses()
+            and not node.outputs[0].is_graph_output()
+        ):
             graph.remove(node, safe=True)
 
 
 def _run(model_or_path, images: np.ndarray, provider: str) -> np.ndarray:
     if provider == "reference":
         ref = _reference_evaluator(model_or_path)
-        return np.concatenate([ref.run([md.LOG_PROBS], {md.INPUT: images[i : i + 8]})[0] for i in range(0, len(images), 8)])
+        return np.concatenate(
+            [ref.run([md.LOG_PROBS], {md.INPUT: images[i : i + 8]})[0] for i in range(0, len(images), 8)]
+        )
     data = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     session = create_session(data, session_options(), [(provider, {})])
     return session.run([md.LOG_PROBS], {md.INPUT: images})[0]
@@ -182,17 +198,22 @@ def convert_fp16(
     try:
         onnx.checker.check_model(fp16, full_check=True)
     except Exception as exc:  # noqa: BLE001
-        raise ExportCheckError(f"{output}: check 'fp16_onnx_checker' failed: {' '.join(str(exc).split())[:300]}") from None
+        raise ExportCheckError(
+            f"{output}: check 'fp16_onnx_checker' failed: {' '.join(str(exc).split())[:300]}"
+        ) from None
 
     if provider is None:
         provider = CUDA if CUDA in available_providers() else "reference"
-    images = np.ascontiguousarray(check_inputs if provider != "reference" else check_inputs[:reference_inputs], dtype=np.float32)
+    images = np.ascontiguousarray(
+        check_inputs if provider != "reference" else check_inputs[:reference_inputs], dtype=np.float32
+    )
     want = _run(str(source), images, "CPUExecutionProvider")
     got = _run(fp16, images, provider).astype(np.float32)
     diff = np.abs(got - want)
     visible = want >= FP16_VISIBLE_LOG_PROB
     report = Fp16Report(
-        source=source, output=output,
+        source=source,
+        output=output,
         checked_with="onnx.reference.ReferenceEvaluator" if provider == "reference" else provider,
         n_inputs=len(images),
         max_abs_diff=float(diff[visible].max()) if visible.any() else 0.0,
@@ -203,7 +224,8 @@ def convert_fp16(
     report.seconds = time.perf_counter() - started
     if not report.passed:
         raise ExportCheckError(
-            f"{output}: check 'fp16_parity' failed: max |Δ log-prob| {report.max_abs_diff:.3g} (bound {FP16_MAX_ABS_DIFF:g}), "
+            f"{output}: check 'fp16_parity' failed: max |Δ log-prob| {report.max_abs_diff:.3g} (bound "
+            f"{FP16_MAX_ABS_DIFF:g}), "
             f"top-1 agreement {report.top1_agreement:.1f}% (bound {FP16_MIN_TOP1_AGREEMENT:g}%) (no file written)"
         )
     with atomic_path(output) as tmp:

@@ -95,9 +95,17 @@ FAST_CPU = Int8Config()
 PLAIN = dataclasses.replace(FAST_CPU, name="plain", unfold_conv_rows=False, quantize_slice_inputs=False)
 # What quantize_static does when given nothing but a model and a reader (for comparison).
 ORT_DEFAULT = Int8Config(
-    name="ort-default-qdq", activation_type="int8", weight_type="int8", per_channel=False,
-    reduce_range=False, op_types=None, keep_theta_fp32=False, exact_rewrites=False, unfold_conv_rows=False,
-    quantize_slice_inputs=False, pre_process=False,
+    name="ort-default-qdq",
+    activation_type="int8",
+    weight_type="int8",
+    per_channel=False,
+    reduce_range=False,
+    op_types=None,
+    keep_theta_fp32=False,
+    exact_rewrites=False,
+    unfold_conv_rows=False,
+    quantize_slice_inputs=False,
+    pre_process=False,
 )
 CONFIGS = {c.name: c for c in (FAST_CPU, PLAIN, ORT_DEFAULT)}
 
@@ -171,7 +179,8 @@ class QuantizationReport:
         limit = "no limit" if self.max_accuracy_drop is None else f"limit {self.max_accuracy_drop:.2f}"
         lines = [
             f"int8 ({self.config['name']}): {self.source} -> {self.output}",
-            f"  {acc}, {limit}) on {self.eval_samples} images of {self.eval_source}; calibrated on {self.calibration_samples}",
+            f"  {acc}, {limit}) on {self.eval_samples} images of {self.eval_source}; calibrated on "
+            f"{self.calibration_samples}",
             f"  top-1 agreement {self.top1_agreement:.2f}%, max |Δ log-prob| {self.max_abs_diff:.3g}",
             f"  {self.config['quant_format']} {self.config['activation_type']} activations / "
             f"{self.config['weight_type']} weights, per_channel={self.config['per_channel']}, "
@@ -221,6 +230,8 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
             f"{path}: quantized already ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}; "
             f"its metadata says precision {precision}): variants are derived from the fp32 export"
         )
+
+
 # -- end hardening
 
 
@@ -248,7 +259,9 @@ class CalibrationReader:
 
 
 # -- which nodes stay fp32 ---------------------------------------------------------------------------
-def float_readers_read_float(model: onnx.ModelProto, quantized_op_types: tuple[str, ...] | None) -> tuple[onnx.ModelProto, int]:
+def float_readers_read_float(
+    model: onnx.ModelProto, quantized_op_types: tuple[str, ...] | None
+) -> tuple[onnx.ModelProto, int]:
     """Point unquantized readers of ``DequantizeLinear(QuantizeLinear(x))``, ``x`` a graph input, back at ``x``.
 
     With ``ForceQuantizeNoInputCheck`` the quantizer rounds the image through uint8 for every
@@ -278,7 +291,9 @@ def _session(path_or_bytes: str | bytes, threads: int = 2):
 
 def _log_probs(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     name = session.get_inputs()[0].name
-    out_name = md.LOG_PROBS if md.LOG_PROBS in [o.name for o in session.get_outputs()] else session.get_outputs()[0].name
+    out_name = (
+        md.LOG_PROBS if md.LOG_PROBS in [o.name for o in session.get_outputs()] else session.get_outputs()[0].name
+    )
     chunks = [session.run([out_name], {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
@@ -338,7 +353,9 @@ def quantize_int8(
     source, output = Path(fp32_onnx_path), Path(output_path)
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) == 0:
-        raise DatasetError(f"calibration images must be a non-empty [N, C, H, W] array, got shape {list(calibration.shape)}")
+        raise DatasetError(
+            f"calibration images must be a non-empty [N, C, H, W] array, got shape {list(calibration.shape)}"
+        )
     model = load_onnx(source)
     refuse_quantized(model, source)  # hardening (issue 12): before any calibration
     props = {p.key: p.value for p in model.metadata_props}
@@ -396,7 +413,9 @@ def quantize_int8(
             raise ExportCheckError(f"{source}: int8 quantization failed ({one_line(exc)})") from None
         int8_model = onnx.load(str(quantized))
     if config.quantize_slice_inputs:
-        int8_model, rewrites["float_readers_of_quantized_inputs"] = float_readers_read_float(int8_model, config.op_types)
+        int8_model, rewrites["float_readers_of_quantized_inputs"] = float_readers_read_float(
+            int8_model, config.op_types
+        )
 
     evaluate = eval_images if eval_images is not None else calibration
     labels = eval_labels if eval_images is not None else None
@@ -435,7 +454,11 @@ def quantize_int8(
         **props,
         md.PRECISION: "int8",
         QUANTIZATION: json.dumps(
-            {k: v for k, v in report.to_dict().items() if k not in ("source", "output", "written", "op_counts", "seconds")},
+            {
+                k: v
+                for k, v in report.to_dict().items()
+                if k not in ("source", "output", "written", "op_counts", "seconds")
+            },
             sort_keys=True,
         ),
     }

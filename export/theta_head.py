@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 _TRANSPOSES = ("aten.t.default", "aten.permute.default", "aten.transpose.int")
 
 

@@ -82,7 +82,9 @@ def _tensors(values: list[onnx.ValueInfoProto], source: Path) -> list[Tensor]:
     for value in values:
         t = value.type.tensor_type
         if t.elem_type not in _ONNX_TO_TRITON:
-            raise TritonRepoError(f"{source}: tensor '{value.name}' has an element type Triton's config cannot name ({t.elem_type})")
+            raise TritonRepoError(
+                f"{source}: tensor '{value.name}' has an element type Triton's config cannot name ({t.elem_type})"
+            )
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
         if not dims:
             raise TritonRepoError(f"{source}: tensor '{value.name}' has no batch axis")
@@ -140,7 +142,12 @@ def config_text(
     for kind, tensors in (("input", inputs), ("output", outputs)):
         lines.append(f"{kind} [")
         for i, t in enumerate(tensors):
-            lines += ["  {", f"    name: {_string(t.name)}", f"    data_type: {t.data_type}", f"    dims: {_dims(t.dims)}"]
+            lines += [
+                "  {",
+                f"    name: {_string(t.name)}",
+                f"    data_type: {t.data_type}",
+                f"    dims: {_dims(t.dims)}",
+            ]
             if kind == "output" and labels and t.name == md.LOG_PROBS:
                 lines.append(f"    label_filename: {_string(LABELS_FILE)}")
             lines.append("  }" + ("," if i < len(tensors) - 1 else ""))
@@ -196,7 +203,9 @@ def write_triton_repo(
     model_path = Path(model_path)
     name = name or model_path.stem
     if not _NAME.match(name) or ".." in name:
-        raise TritonRepoError(f"Triton model name {name!r}: use letters, digits, '.', '_' or '-' (it becomes a directory name)")
+        raise TritonRepoError(
+            f"Triton model name {name!r}: use letters, digits, '.', '_' or '-' (it becomes a directory name)"
+        )
     if max_batch_size < 1 or instance_count < 1 or max_queue_delay_us < 0:
         raise TritonRepoError("max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0")
     try:
@@ -206,7 +215,11 @@ def write_triton_repo(
     except Exception as exc:  # noqa: BLE001 - onnx raises several types for a file that is not a model
         raise ModelFileError(f"{model_path}: not an ONNX model ({type(exc).__name__})") from None
     text = config_text(
-        model, name, source=model_path, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+        model,
+        name,
+        source=model_path,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
         instance_count=instance_count,
     )
     meta = md.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, source=str(model_path))
@@ -232,14 +245,23 @@ def write_triton_repo(
 @click.option("--max-queue-delay-us", default=DEFAULT_QUEUE_DELAY_US, show_default=True, type=click.IntRange(min=0))
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="instance_group count.")
 @report_errors
-def main(model: Path, repo: Path, name: str | None, max_batch_size: int, max_queue_delay_us: int, instances: int) -> None:
+def main(
+    model: Path, repo: Path, name: str | None, max_batch_size: int, max_queue_delay_us: int, instances: int
+) -> None:
     """Write a Triton model repository entry for MODEL (an .onnx file stn-export wrote) under REPO:
     REPO/NAME/config.pbtxt, REPO/NAME/1/model.onnx and REPO/NAME/labels.txt.
     (stn-export --triton-repo REPO does the same right after an export.)"""
     directory = write_triton_repo(
-        model, repo, name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, instance_count=instances
+        model,
+        repo,
+        name=name,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        instance_count=instances,
     )
-    click.echo(f"Wrote Triton model {directory.name!r} to {directory} (tritonserver --model-repository={repo})", err=True)
+    click.echo(
+        f"Wrote Triton model {directory.name!r} to {directory} (tritonserver --model-repository={repo})", err=True
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,11 +47,15 @@ def _model_info(path: Path) -> tuple[Preprocessing, list[str], str]:
     return meta.preprocessing, meta.class_names, meta.props.get(md.DATASET, "")
 
 
-def _test_split(dataset: str, pre: Preprocessing, n: int, data_dir: Path | None, *, from_user: bool = False) -> Samples | None:
+def _test_split(
+    dataset: str, pre: Preprocessing, n: int, data_dir: Path | None, *, from_user: bool = False
+) -> Samples | None:
     """The test split of a dataset, or None. A name from the file's metadata must be a built-in
     dataset (a model file never chooses a path to read); the user's --calibration may also be
     ``imagefolder:PATH`` (a plain directory has no test split)."""
-    allowed = dataset.startswith("imagefolder:") or dataset in BUILTIN_DATASETS if from_user else dataset in BUILTIN_DATASETS
+    allowed = (
+        dataset.startswith("imagefolder:") or dataset in BUILTIN_DATASETS if from_user else dataset in BUILTIN_DATASETS
+    )
     if not allowed:
         return None
     try:
@@ -80,20 +84,26 @@ def derive_variants(
     if quantize == "int8":
         if not calibration:
             raise DatasetError("--quantize int8 needs --calibration DIR|dataset (real samples to calibrate on)")
-        cal = load_image_samples(calibration, pre, n=DEFAULT_CALIBRATION_SAMPLES, split="train",
-                               class_names=class_names, data_dir=data_dir)
+        cal = load_image_samples(
+            calibration, pre, n=DEFAULT_CALIBRATION_SAMPLES, split="train", class_names=class_names, data_dir=data_dir
+        )
         # The gate's images, best first: the model's own test split (its labels are the model's
         # classes); held-out images of the calibration dataset (labels dropped: they may name other
         # classes); a labelled calibration directory (the report says it scored on those images).
         ev = _test_split(dataset, pre, DEFAULT_EVAL_SAMPLES, data_dir)
-        if ev is None and (other := _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir, from_user=True)) is not None:
+        if (
+            ev is None
+            and (other := _test_split(calibration, pre, DEFAULT_EVAL_SAMPLES, data_dir, from_user=True)) is not None
+        ):
             ev = dataclasses.replace(other, labels=None)
         if ev is None and cal.labels is not None:
             ev = dataclasses.replace(cal, source=f"{cal.source} (the calibration images: no held-out split)")
         config = CONFIGS[int8_config] if int8_config else FAST_CPU
         echo(f"Quantizing {fp32_path} to int8 ({config.name}; calibration {cal.source}, {len(cal.images)} images)")
         report = quantize_int8(
-            fp32_path, int8_output or md.variant_path(fp32_path, "int8"), cal.images,
+            fp32_path,
+            int8_output or md.variant_path(fp32_path, "int8"),
+            cal.images,
             eval_images=ev.images if ev is not None else None,
             eval_labels=ev.labels if ev is not None else None,
             eval_source=ev.source if ev is not None else None,
@@ -107,8 +117,9 @@ def derive_variants(
         noise = np.random.default_rng(0).standard_normal((4, *pre.input_shape), dtype=np.float32)
         inputs = np.concatenate([ev.images[:4], noise]) if ev is not None else noise
         echo(f"Converting {fp32_path} to fp16")
-        report16 = convert_fp16(fp32_path, fp16_output or md.variant_path(fp32_path, "fp16"), inputs,
-                                reference_inputs=len(inputs))
+        report16 = convert_fp16(
+            fp32_path, fp16_output or md.variant_path(fp32_path, "fp16"), inputs, reference_inputs=len(inputs)
+        )
         echo(report16.format_table())
         out["fp16"] = report16.to_dict()
     return out

@@ -51,6 +51,8 @@ def sigterm_raises() -> Iterator[None]:
 
 def _error_line(text: str) -> str:
     return clip(text, ERROR_MESSAGE_LIMIT)
+
+
 # -- end hardening
 
 

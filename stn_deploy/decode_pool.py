@@ -205,7 +205,9 @@ class DecodePool:
         context = _process_context()
         names = [b.name for b in self._blocks]
         return ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_process_init,
+            self.workers,
+            mp_context=context,
+            initializer=_process_init,
             initargs=(self.spec, names, self.shape, Image.MAX_IMAGE_PIXELS),
         )
 
@@ -273,8 +275,11 @@ class DecodePool:
             while pending:
                 slot, paths, futures = pending.popleft()
                 try:
-                    results = [r for i, future in enumerate(futures)
-                               for r in _results(paths[i * self.chunk : (i + 1) * self.chunk], future.result())]
+                    results = [
+                        r
+                        for i, future in enumerate(futures)
+                        for r in _results(paths[i * self.chunk : (i + 1) * self.chunk], future.result())
+                    ]
                 except Exception as exc:
                     if not _worker_died(exc):
                         raise

@@ -24,7 +24,9 @@ _local = threading.local()
 _lock = threading.Lock()
 
 
-def _hook(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+def _hook(
+    message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
     bucket = getattr(_local, "bucket", None)
     if bucket is None:  # not inside capture() in this thread: Python's usual output
         _hook.previous(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
@@ -43,7 +45,12 @@ _MODULES = r"(PIL|stn_deploy)(\.|$)"  # Pillow and our own decoders
 
 def _ours_first() -> bool:
     first = warnings.filters[0] if warnings.filters else None
-    return first is not None and first[0] == "always" and first[2] is Warning and getattr(first[3], "pattern", None) == _MODULES
+    return (
+        first is not None
+        and first[0] == "always"
+        and first[2] is Warning
+        and getattr(first[3], "pattern", None) == _MODULES
+    )
 
 
 def _install() -> None:

@@ -131,7 +131,7 @@ def _version(module: ModuleType | None) -> str | None:
 @cache
 def _simplejpeg() -> ModuleType | None:
     try:
-        import simplejpeg  # optional (extra "fast-decode"): a JPEG decoder with DCT scaling, 10-15% faster than Pillow's
+        import simplejpeg  # optional (extra "fast-decode"): JPEG with DCT scaling, 10-15% faster than Pillow
     except ImportError:
         return None
     return simplejpeg if _simplejpeg_matches_pillow(simplejpeg) else None
@@ -150,7 +150,9 @@ def _probe_pixels() -> np.ndarray:
     """47x37 RGB: smooth colour ramps plus a deterministic hash pattern (detail at every scale)."""
     y, x = np.mgrid[0:37, 0:47]
     detail = (x * 7919 + y * 104729 + x * y * 31) % 61
-    return np.stack([(x * 5 + detail) % 256, (y * 6 + 2 * detail) % 256, (x * y + 3 * detail) % 256], axis=-1).astype(np.uint8)
+    return np.stack([(x * 5 + detail) % 256, (y * 6 + 2 * detail) % 256, (x * y + 3 * detail) % 256], axis=-1).astype(
+        np.uint8
+    )
 
 
 def _simplejpeg_matches_pillow(simplejpeg: ModuleType) -> bool:
@@ -166,8 +168,12 @@ def _simplejpeg_matches_pillow(simplejpeg: ModuleType) -> bool:
                     w, h = im.size
                     im.draft(mode, (w // scale, h // scale))
                     ref = np.asarray(im.convert(mode) if im.mode != mode else im)
-                got = simplejpeg.decode_jpeg(data, colorspace="RGB" if mode == "RGB" else "GRAY",
-                                             min_width=-(-w // scale), min_height=-(-h // scale))
+                got = simplejpeg.decode_jpeg(
+                    data,
+                    colorspace="RGB" if mode == "RGB" else "GRAY",
+                    min_width=-(-w // scale),
+                    min_height=-(-h // scale),
+                )
                 if got.reshape(ref.shape).tobytes() != ref.tobytes():
                     return False
     except Exception:  # noqa: BLE001 - a broken build is simply not used
@@ -218,8 +224,12 @@ def _png_bytes(arr: np.ndarray) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     colour = {1: 0, 3: 2, 4: 6}[bpp]
-    return (PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+    return (
+        PNG_SIGNATURE
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(bytes(raw)))
+        + chunk(b"IEND", b"")
+    )
 
 
 # -- one file -------------------------------------------------------------------------------------
@@ -319,10 +329,14 @@ def _too_big(width: int, height: int, spec: DecodeSpec) -> bool:
     """Over --max-pixels, or over twice PIL's own limit: the reference path refuses it, in its words."""
     pixels = width * height
     pil_limit = Image.MAX_IMAGE_PIXELS
-    return (spec.max_pixels is not None and pixels > spec.max_pixels) or (pil_limit is not None and pixels > 2 * pil_limit)
+    return (spec.max_pixels is not None and pixels > spec.max_pixels) or (
+        pil_limit is not None and pixels > 2 * pil_limit
+    )
 
 
-def _finish(arr: np.ndarray, mode: str, pre: Preprocessing, out: np.ndarray, transpose: Image.Transpose | None = None) -> None:
+def _finish(
+    arr: np.ndarray, mode: str, pre: Preprocessing, out: np.ndarray, transpose: Image.Transpose | None = None
+) -> None:
     """Decoded pixels in PIL ``mode`` → convert, orient and resize exactly as the reference path does."""
     h, w = pre.image_size
     if transpose is None and mode == pre.channel_order and arr.shape[:2] == (h, w):
@@ -386,7 +400,10 @@ def png_header(data: bytes) -> tuple[int, int, str] | None:
         # Every CRC intact, the image data's too. Pillow checks the zlib stream's own checksum
         # (adler32) and refuses a damaged stream; libspng, as pyspng sets it up, does not. A
         # damaged IDAT fails its CRC here, and Pillow gives its verdict.
-        if zlib.crc32(memoryview(data)[pos + 4 : pos + 8 + length]) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
+        if (
+            zlib.crc32(memoryview(data)[pos + 4 : pos + 8 + length])
+            != struct.unpack_from(">I", data, pos + 8 + length)[0]
+        ):
             return None
         pos = nxt
 

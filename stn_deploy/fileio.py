@@ -118,7 +118,9 @@ def _temporary_beside(path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(errno.ENOTDIR, "a part of this path is a file, not a directory", str(path.parent)) from None
+        raise NotADirectoryError(
+            errno.ENOTDIR, "a part of this path is a file, not a directory", str(path.parent)
+        ) from None
     # The temporary's name is cut short, so a name the file system cannot hold is refused here,
     # not by the rename at the end of the job.
     try:

@@ -44,7 +44,9 @@ class ImageWalk:
         self._ahead: deque[Path] = deque()
         if root.is_file():
             if root.suffix.lower() not in self.extensions:
-                raise ImageDirectoryError(f"{root}: not an image file (extensions: {', '.join(sorted(self.extensions))})")
+                raise ImageDirectoryError(
+                    f"{root}: not an image file (extensions: {', '.join(sorted(self.extensions))})"
+                )
             self.root = root.parent
             self._walk: Iterator[Path] = iter([root])
         elif root.is_dir():

@@ -80,9 +80,7 @@ def find_images(root: str | os.PathLike[str], *, extensions: Iterable[str] = IMA
                 skipped += 1
     if not files:
         extra = f" ({skipped} other files)" if skipped else ""
-        raise ImageDirectoryError(
-            f"{root}: no image files{extra} (looked for {', '.join(sorted(exts))}, recursively)"
-        )
+        raise ImageDirectoryError(f"{root}: no image files{extra} (looked for {', '.join(sorted(exts))}, recursively)")
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     return ImageListing(root=root, files=files, skipped=skipped)
 
@@ -235,7 +233,9 @@ def decode(
 ) -> DecodeResult:
     """Decode and preprocess one file; failures are returned, not raised (``draft``: see :func:`open_image`)."""
     return _decode(
-        path, str(path), lambda caught: open_image(path, max_pixels=max_pixels, draft=draft, warnings_out=caught),
+        path,
+        str(path),
+        lambda caught: open_image(path, max_pixels=max_pixels, draft=draft, warnings_out=caught),
         preprocessing,
     )
 

@@ -21,7 +21,11 @@ from . import fields
 from .errors import PreprocessingError, clip, shorten
 
 CHANNEL_ORDERS = {"RGB": 3, "L": 1}
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 # Bounds on what a checkpoint or ONNX file may ask for. A side of 4096 px is already a 201 MB

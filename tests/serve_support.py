@@ -147,14 +147,18 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
-def binary_infer_body(x: np.ndarray, request_id: str | None = None, outputs: list[str] | None = None) -> tuple[bytes, int]:
+def binary_infer_body(
+    x: np.ndarray, request_id: str | None = None, outputs: list[str] | None = None
+) -> tuple[bytes, int]:
     """The body tritonclient sends for ``x`` (FP32 input 'image', binary), and its JSON length."""
     import tritonclient.http as httpclient
 
     inp = httpclient.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x.astype(np.float32))
     outs = [httpclient.InferRequestedOutput(n) for n in outputs] if outputs else None
-    body, json_size = httpclient.InferenceServerClient.generate_request_body([inp], outputs=outs, request_id=request_id or "")
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        [inp], outputs=outs, request_id=request_id or ""
+    )
     return body, json_size
 
 

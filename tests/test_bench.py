@@ -56,8 +56,25 @@ def test_runners_share_one_interface_and_agree(exported):
 def test_stn_bench_json_table_and_plot(exported, tmp_path):
     ckpt, onnx_path = exported
     png = tmp_path / "bench.png"
-    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--batch-sizes", "1,4", "--threads", "1",
-            "--warmup", "1", "--iterations", "2", "--rounds", "2", "--inputs", "random", "-q"]
+    args = [
+        "--model",
+        str(onnx_path),
+        "--checkpoint",
+        str(ckpt),
+        "--batch-sizes",
+        "1,4",
+        "--threads",
+        "1",
+        "--warmup",
+        "1",
+        "--iterations",
+        "2",
+        "--rounds",
+        "2",
+        "--inputs",
+        "random",
+        "-q",
+    ]
     result = CliRunner().invoke(main, [*args, "--json", "--plot", str(png)])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -113,10 +130,30 @@ def test_streams_rows_twin_the_cpu_rows(exported, int8_file, tmp_path):
         assert {b.runner.name: b.runner for b in plan}[base + "-2streams"].streams == 2
     assert not any(n.endswith("streams") for n in names if "cuda" in n or "tensorrt" in n or "pytorch" in n)
 
-    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--batch-sizes", "1,6", "--threads", "2",
-            "--warmup", "1", "--iterations", "2", "--rounds", "1", "--inputs", "random", "--settle-ms", "0", "-q"]
-    result = CliRunner().invoke(main, [*args, "--streams", "2", "--backends", "ort-cpu-fp32,ort-cpu-fp32-2streams",
-                                       "--json"])
+    args = [
+        "--model",
+        str(onnx_path),
+        "--checkpoint",
+        str(ckpt),
+        "--batch-sizes",
+        "1,6",
+        "--threads",
+        "2",
+        "--warmup",
+        "1",
+        "--iterations",
+        "2",
+        "--rounds",
+        "1",
+        "--inputs",
+        "random",
+        "--settle-ms",
+        "0",
+        "-q",
+    ]
+    result = CliRunner().invoke(
+        main, [*args, "--streams", "2", "--backends", "ort-cpu-fp32,ort-cpu-fp32-2streams", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["streams"] == 2
@@ -131,9 +168,32 @@ def test_a_failing_backend_is_a_row_and_the_others_run(exported, tmp_path):
     not_onnx = tmp_path / "broken.int8.onnx"
     not_onnx.write_bytes(b"not a model")
     png = tmp_path / "bench.png"
-    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--int8-model", str(not_onnx),
-            "--batch-sizes", "2,1,2", "--threads", "1", "--warmup", "0", "--iterations", "2", "--rounds", "1",
-            "--inputs", "random", "--settle-ms", "0", "--backends", "ort-cpu-fp32,ort-cpu-int8", "-q", "--json"]
+    args = [
+        "--model",
+        str(onnx_path),
+        "--checkpoint",
+        str(ckpt),
+        "--int8-model",
+        str(not_onnx),
+        "--batch-sizes",
+        "2,1,2",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        "--iterations",
+        "2",
+        "--rounds",
+        "1",
+        "--inputs",
+        "random",
+        "--settle-ms",
+        "0",
+        "--backends",
+        "ort-cpu-fp32,ort-cpu-int8",
+        "-q",
+        "--json",
+    ]
     result = CliRunner().invoke(main, [*args, "--plot", str(png)])
     assert result.exit_code == 3, result.output  # finished, but a backend failed
     report = json.loads(result.stdout)
@@ -142,7 +202,11 @@ def test_a_failing_backend_is_a_row_and_the_others_run(exported, tmp_path):
     assert status["ort-cpu-fp32"]["status"] == "ok" and status["pytorch-eager-cpu"]["status"] == "ok"
     assert report["batch_sizes"] == [2, 1]  # a repeated size would pool two passes into one row
     assert sorted((r["backend"], r["batch_size"], r["iterations"]) for r in report["results"]) == [
-        ("ort-cpu-fp32", 1, 2), ("ort-cpu-fp32", 2, 2), ("pytorch-eager-cpu", 1, 2), ("pytorch-eager-cpu", 2, 2)]
+        ("ort-cpu-fp32", 1, 2),
+        ("ort-cpu-fp32", 2, 2),
+        ("pytorch-eager-cpu", 1, 2),
+        ("pytorch-eager-cpu", 2, 2),
+    ]
     assert "ort-cpu-int8" not in report["agreement"] and png.is_file()  # the plot still comes
 
 
@@ -150,7 +214,9 @@ def test_bad_checkpoint_and_plot_paths_fail_before_the_run(exported, tmp_path):
     ckpt, onnx_path = exported
     gray = make_checkpoint(tmp_path / "gray.pt", STNConfig(in_channels=1, image_size=28), seed=1)
     base = ["--model", str(onnx_path), "--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "-q"]
-    assert_cli_error(CliRunner().invoke(main, [*base, "--checkpoint", str(gray)]), 1, "gray.pt: takes [1, 28, 28] inputs")
+    assert_cli_error(
+        CliRunner().invoke(main, [*base, "--checkpoint", str(gray)]), 1, "gray.pt: takes [1, 28, 28] inputs"
+    )
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")
     assert_cli_error(CliRunner().invoke(main, [*base, "--checkpoint", str(junk)]), 1, "junk.pt")
@@ -170,8 +236,22 @@ def test_variants_beside_the_model_are_found(exported, int8_file, tmp_path):
     _, onnx_path = exported
     model = tmp_path / "stn.onnx"
     shutil.copy(onnx_path, model)
-    args = ["--model", str(model), "--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "--settle-ms", "0",
-            "-q", "--json", "--backends", "ort-cpu-int8"]
+    args = [
+        "--model",
+        str(model),
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "1",
+        "--inputs",
+        "random",
+        "--settle-ms",
+        "0",
+        "-q",
+        "--json",
+        "--backends",
+        "ort-cpu-int8",
+    ]
     alone = json.loads(CliRunner().invoke(main, args).stdout)
     int8_row = next(b for b in alone["backends"] if b["name"] == "ort-cpu-int8")
     assert int8_row["status"] == "skipped" and "no stn.int8.onnx beside --model" in int8_row["reason"]
@@ -211,8 +291,20 @@ def test_the_model_file_never_chooses_what_stn_bench_reads(exported, tmp_path):
     (trap / "a").mkdir(parents=True)
     (trap / "a" / "x.png").write_bytes(b"not read")
     model = _with_metadata(onnx_path, tmp_path / "m.onnx", **{md.DATASET: f"imagefolder:{trap}"})
-    args = ["--model", str(model), "--batch-sizes", "1", "--iterations", "1", "--settle-ms", "0", "-q", "--json",
-            "--backends", "ort-cpu-fp32"]
+    args = [
+        "--model",
+        str(model),
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "1",
+        "--settle-ms",
+        "0",
+        "-q",
+        "--json",
+        "--backends",
+        "ort-cpu-fp32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["inputs"] == "random"
@@ -227,8 +319,24 @@ def test_a_backend_that_returns_nan_fails_instead_of_agreeing(exported, tmp_path
         return np.full_like(out, np.nan) if self.name == "ort-cpu-fp32" else out
 
     monkeypatch.setattr(OrtRunner, "infer", nan_infer)
-    args = ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--batch-sizes", "1", "--iterations", "1",
-            "--inputs", "random", "--settle-ms", "0", "-q", "--json", "--backends", "ort-cpu-fp32"]
+    args = [
+        "--model",
+        str(onnx_path),
+        "--checkpoint",
+        str(ckpt),
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "1",
+        "--inputs",
+        "random",
+        "--settle-ms",
+        "0",
+        "-q",
+        "--json",
+        "--backends",
+        "ort-cpu-fp32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)
@@ -239,17 +347,36 @@ def test_a_backend_that_returns_nan_fails_instead_of_agreeing(exported, tmp_path
 
 def test_a_model_of_another_class_count_is_a_failed_row_and_a_checkpoint_one_line(exported, tmp_path):
     ckpt, onnx_path = exported
-    five = make_checkpoint(tmp_path / "five.pt", STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16),
-                                                          loc_hidden=16, num_classes=5), seed=2)
+    five = make_checkpoint(
+        tmp_path / "five.pt",
+        STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16, num_classes=5),
+        seed=2,
+    )
     five_onnx = tmp_path / "five.onnx"
     export_model(five, five_onnx, parity_samples=4, progress=False)
     base = ["--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "--settle-ms", "0", "-q"]
-    assert_cli_error(CliRunner().invoke(main, ["--model", str(onnx_path), "--checkpoint", str(five), *base]), 1,
-                     "five.pt: has 5 classes")
+    assert_cli_error(
+        CliRunner().invoke(main, ["--model", str(onnx_path), "--checkpoint", str(five), *base]),
+        1,
+        "five.pt: has 5 classes",
+    )
     five_int8 = tmp_path / "five.int8.onnx"
     quantize_int8(five_onnx, five_int8, np.zeros((8, 3, 32, 32), np.float32) + 0.5, max_accuracy_drop=None)
-    result = CliRunner().invoke(main, ["--model", str(onnx_path), "--checkpoint", str(ckpt), "--int8-model",
-                                       str(five_int8), *base, "--json", "--backends", "ort-cpu-fp32,ort-cpu-int8"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--model",
+            str(onnx_path),
+            "--checkpoint",
+            str(ckpt),
+            "--int8-model",
+            str(five_int8),
+            *base,
+            "--json",
+            "--backends",
+            "ort-cpu-fp32,ort-cpu-int8",
+        ],
+    )
     assert result.exit_code == 3, result.output  # the run finished; the odd backend is a failed row
     rows = {b["name"]: b for b in json.loads(result.stdout)["backends"]}
     assert rows["ort-cpu-int8"]["status"] == "failed" and "returned 5 classes" in rows["ort-cpu-int8"]["reason"]
@@ -263,8 +390,21 @@ def test_excluded_int8_rows_are_not_announced(exported, int8_file, tmp_path):
     model = tmp_path / "stn.onnx"
     shutil.copy(onnx_path, model)
     shutil.copy(int8_file, tmp_path / "stn.int8.onnx")
-    args = ["--model", str(model), "--batch-sizes", "1", "--iterations", "1", "--inputs", "random", "--settle-ms", "0",
-            "-q", "--backends", "ort-cpu-fp32"]
+    args = [
+        "--model",
+        str(model),
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "1",
+        "--inputs",
+        "random",
+        "--settle-ms",
+        "0",
+        "-q",
+        "--backends",
+        "ort-cpu-fp32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "int8 rows read" not in result.stderr and "ort-cpu-int8" not in result.stdout
@@ -295,8 +435,24 @@ def test_inputs_auto_falls_back_to_random_without_torch(exported, monkeypatch):
 
 def test_streams_auto_rows_say_what_ran_at_each_batch_size(exported):
     _, onnx_path = exported
-    args = ["--model", str(onnx_path), "--batch-sizes", "1,64", "--threads", "2", "--iterations", "1",
-            "--inputs", "random", "--settle-ms", "0", "-q", "--json", "--backends", "ort-cpu-fp32"]
+    args = [
+        "--model",
+        str(onnx_path),
+        "--batch-sizes",
+        "1,64",
+        "--threads",
+        "2",
+        "--iterations",
+        "1",
+        "--inputs",
+        "random",
+        "--settle-ms",
+        "0",
+        "-q",
+        "--json",
+        "--backends",
+        "ort-cpu-fp32",
+    ]
     report = json.loads(CliRunner().invoke(main, args).stdout)
     assert report["streams"] == "auto"
     assert {r["batch_size"]: r["streams"] for r in report["results"] if r["backend"] == "ort-cpu-fp32"} == {1: 1, 64: 2}

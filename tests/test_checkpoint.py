@@ -7,10 +7,10 @@ import pickle
 import pytest
 import torch
 
-from stn_deploy.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.errors import CheckpointError
-from stn_deploy.train.model import STNConfig, build_model
 from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stn_deploy.train.model import STNConfig, build_model
 
 
 def _checkpoint(config: STNConfig) -> Checkpoint:
@@ -115,7 +115,10 @@ def test_malformed_fields_are_one_line_checkpoint_errors(tmp_path):
         "version.pt": ({"format_version": "2"}, "format_version '2' is not an integer"),
         "metrics.pt": ({"metrics": [1, 2]}, "malformed checkpoint"),
         "resample.pt": ({"preprocessing": {**good["preprocessing"], "resample": "lanczos"}}, "resample must be one of"),
-        "size.pt": ({"preprocessing": {**good["preprocessing"], "image_size": [32]}}, "image_size must be two positive"),
+        "size.pt": (
+            {"preprocessing": {**good["preprocessing"], "image_size": [32]}},
+            "image_size must be two positive",
+        ),
     }
     for name, (change, needle) in cases.items():
         torch.save({**good, **change}, tmp_path / name)

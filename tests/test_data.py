@@ -18,7 +18,6 @@ from stn_deploy.train.data import (
     render_digits,
 )
 
-
 # -- digits --------------------------------------------------------------------------------------
 
 
@@ -79,7 +78,7 @@ def test_rendering_keeps_the_digit_on_the_canvas():
     clean = replace(DEFAULT_DISTORTION, clutter=0, noise=0.0)
     canvases = render_digits(glyph, torch.Generator().manual_seed(0), clean)
     assert canvases.shape == (64, 3, 32, 32)
-    assert 0.0 <= canvases.min() and canvases.max() <= 1.0
+    assert canvases.min() >= 0.0 and canvases.max() <= 1.0
     ink = canvases.sum(dim=(1, 2, 3))
     assert (ink > 5).all()  # every digit landed on the canvas
     # and the digits really vary in size and position

@@ -32,7 +32,9 @@ def _write_tree(root: Path, n: int, *, bad_every: int = 0, seed: int = 0) -> lis
             path.write_bytes(b"not an image")
         else:
             h, w = (32, 32) if i % 2 else (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, **({"quality": 90} if ext == "jpg" else {}))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                path, **({"quality": 90} if ext == "jpg" else {})
+            )
         paths.append(path)
     return sorted(paths)
 
@@ -96,13 +98,30 @@ def test_a_killed_decode_worker_loses_no_file(tmp_path):
 
 # -- the streamed walk ----------------------------------------------------------------------------
 def _tricky_tree(root: Path) -> None:
-    names = ["a.png", "a-b.png", "a0.png", "a/x.png", "a/z/1.jpg", "a/zz.PNG", "B/c.gif", "b.png", "b/0.png",
-             "é/1.png", "Z.png", ".hidden/1.png", "a/.h.png", "notes.txt", "a/readme.md"]
+    names = [
+        "a.png",
+        "a-b.png",
+        "a0.png",
+        "a/x.png",
+        "a/z/1.jpg",
+        "a/zz.PNG",
+        "B/c.gif",
+        "b.png",
+        "b/0.png",
+        "é/1.png",
+        "Z.png",
+        ".hidden/1.png",
+        "a/.h.png",
+        "notes.txt",
+        "a/readme.md",
+    ]
     for name in names:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".png", ".jpg", ".gif"):
-            Image.new("RGB", (4, 4)).save(path, format={".png": "PNG", ".jpg": "JPEG", ".gif": "GIF"}[path.suffix.lower()])
+            Image.new("RGB", (4, 4)).save(
+                path, format={".png": "PNG", ".jpg": "JPEG", ".gif": "GIF"}[path.suffix.lower()]
+            )
         else:
             path.write_text("x")
     (root / "link_dir").symlink_to(root / "a", target_is_directory=True)  # listed by os.walk, not entered
@@ -115,7 +134,9 @@ def test_the_streamed_walk_gives_find_images_files_in_the_same_order(tmp_path):
     walk = walk_images(tmp_path)
     assert list(walk) == ref.files
     assert (walk.found, walk.skipped, walk.finished) == (len(ref.files), ref.skipped, True)
-    assert walk_images(tmp_path / "a.png").root == tmp_path and list(walk_images(tmp_path / "a.png")) == [tmp_path / "a.png"]
+    assert walk_images(tmp_path / "a.png").root == tmp_path and list(walk_images(tmp_path / "a.png")) == [
+        tmp_path / "a.png"
+    ]
 
 
 def test_the_walk_lists_one_directory_at_a_time(tmp_path, monkeypatch):

@@ -26,7 +26,9 @@ from stn_deploy.preprocessing import Preprocessing
 RGB = Preprocessing(image_size=(32, 32), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), channel_order="RGB")
 GRAY = Preprocessing(image_size=(28, 28), mean=(0.5,), std=(0.25,), channel_order="L")
 needs_spng = pytest.mark.skipif(decoders._pyspng() is None, reason="pyspng (extra fast-decode) is not installed")
-needs_simplejpeg = pytest.mark.skipif(decoders._simplejpeg() is None, reason="simplejpeg (extra fast-decode) is not installed")
+needs_simplejpeg = pytest.mark.skipif(
+    decoders._simplejpeg() is None, reason="simplejpeg (extra fast-decode) is not installed"
+)
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -21,11 +21,11 @@ from torch import nn
 
 from helpers import assert_cli_error, make_checkpoint
 from stn_deploy import metadata as md
-from stn_deploy.train.checkpoint import load_checkpoint, save_checkpoint
 from stn_deploy.errors import CheckpointError, ExportCheckError
 from stn_deploy.export import export_model
 from stn_deploy.export.cli import main as stn_export
 from stn_deploy.export.parity import THETA_PROBES
+from stn_deploy.train.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -166,7 +166,9 @@ def test_cli_json_report_and_dataset_samples(tmp_path):
     # -o may not be the checkpoint itself; a tiny --parity-samples still runs every probe it can
     same = CliRunner().invoke(stn_export, [str(ckpt), "-o", str(ckpt), "-q"])
     assert_cli_error(same, 2, "is MODEL itself")
-    small = CliRunner().invoke(stn_export, [str(ckpt), "-o", str(tmp_path / "small.onnx"), "--parity-samples", "3", "--json", "-q"])
+    small = CliRunner().invoke(
+        stn_export, [str(ckpt), "-o", str(tmp_path / "small.onnx"), "--parity-samples", "3", "--json", "-q"]
+    )
     assert small.exit_code == 0, small.output
     assert json.loads(small.stdout)["parity"]["inputs_by_kind"] == {"extreme_theta": 3}
 
@@ -176,8 +178,9 @@ def test_a_nan_difference_fails_parity():
     from stn_deploy.export.report import OutputDiff, ParityStats
 
     nan = OutputDiff(max_abs=float("nan"), mean_abs=float("nan"), p99_abs=float("nan"))
-    stats = ParityStats(n_inputs=4, inputs_by_kind={"random": 4}, outputs={"log_probs": nan}, top1_agreement=1.0,
-                        by_kind={}, notes=[])
+    stats = ParityStats(
+        n_inputs=4, inputs_by_kind={"random": 4}, outputs={"log_probs": nan}, top1_agreement=1.0, by_kind={}, notes=[]
+    )
     passed, message, _ = parity_verdict(stats)
     assert not passed and "log_probs max |Δ| nan > 0.0001" in message
 
@@ -188,8 +191,11 @@ def test_class_names_file_errors_are_one_line(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "dict.json").write_text('{"a": 1}')
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    for name, text in (("bad.json", "cannot read class names"), ("dict.json", "must be a JSON list, got dict"),
-                       ("latin1.txt", "cannot read class names")):
+    for name, text in (
+        ("bad.json", "cannot read class names"),
+        ("dict.json", "must be a JSON list, got dict"),
+        ("latin1.txt", "cannot read class names"),
+    ):
         with pytest.raises(ExportOptionError, match=text) as info:
             parse_class_names(str(tmp_path / name))
         assert "\n" not in str(info.value) and str(tmp_path / name) in str(info.value)
@@ -440,8 +446,12 @@ class TutorialSTN(nn.Module):
         self.conv2_drop = nn.Dropout2d()
         self.fc1, self.fc2 = nn.Linear(320, 50), nn.Linear(50, 10)
         self.localization = nn.Sequential(
-            nn.Conv2d(1, 8, 7), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
-            nn.Conv2d(8, 10, 5), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+            nn.Conv2d(1, 8, 7),
+            nn.MaxPool2d(2, stride=2),
+            nn.ReLU(True),
+            nn.Conv2d(8, 10, 5),
+            nn.MaxPool2d(2, stride=2),
+            nn.ReLU(True),
         )
         self.fc_loc = nn.Sequential(nn.Linear(10 * 3 * 3, 32), nn.ReLU(True), nn.Linear(32, 3 * 2))
         with torch.no_grad():
@@ -465,7 +475,9 @@ class ZoomReader(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.where = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 6))
+        self.where = nn.Sequential(
+            nn.Conv2d(3, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 6)
+        )
         self.what = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 7 * 7, 4))
         with torch.no_grad():
             self.where[-1].weight.mul_(0.1)
@@ -479,7 +491,9 @@ class ZoomReader(nn.Module):
 
 def _save_pt2(model: nn.Module, shape, path: Path) -> Path:
     torch.manual_seed(0)
-    program = torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(
+        model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     torch.export.save(program, path)
     return path
 
@@ -513,14 +527,33 @@ def test_a_rewrite_that_does_not_fit_is_skipped_with_its_reason(tmp_path, monkey
     archive = _save_pt2(ZoomReader(), (3, 24, 24), tmp_path / "zoom.pt2")
     report = _export(archive, tmp_path / "zoom.onnx", parity_samples=8)
     optimize = report.check("optimize")
-    assert report.passed and "skipped: affine_grid_as_matmul (failed on this graph (ValueError: an unexpected graph))" in optimize.message
+    assert (
+        report.passed
+        and "skipped: affine_grid_as_matmul (failed on this graph (ValueError: an unexpected graph))"
+        in optimize.message
+    )
     assert optimize.details["skipped"]["affine_grid_as_matmul"].startswith("failed on this graph")
 
 
 def test_one_mean_and_std_value_stands_for_every_channel(tmp_path):
     archive = _save_pt2(ZoomReader(), (3, 24, 24), tmp_path / "zoom.pt2")
-    result = CliRunner().invoke(stn_export, [str(archive), "-o", str(tmp_path / "z.onnx"), "--mean", "0.45", "--std", "0.2",
-                                             "--no-optimize", "--parity-samples", "4", "--json", "-q"])
+    result = CliRunner().invoke(
+        stn_export,
+        [
+            str(archive),
+            "-o",
+            str(tmp_path / "z.onnx"),
+            "--mean",
+            "0.45",
+            "--std",
+            "0.2",
+            "--no-optimize",
+            "--parity-samples",
+            "4",
+            "--json",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = md.ModelMetadata.from_props(json.loads(result.stdout)["metadata"])
     assert meta.preprocessing.mean == (0.45,) * 3 and meta.preprocessing.std == (0.2,) * 3
@@ -535,7 +568,8 @@ def test_the_export_ends_with_what_to_run_next_and_the_measured_int8_speedup(che
     assert f"stn-infer IMAGES_DIR --model {out}" in result.stderr
     assert f"stn-export {out} --quantize int8 --calibration CALIBRATION_IMAGES_DIR" in result.stderr
     assert "int8 ran " in result.stderr and "x as fast as fp32 here" in result.stderr
-    js = CliRunner().invoke(stn_export, [str(checkpoint_path), "-o", str(out), "--parity-samples", "8", "-q", "--json",
-                                         "--target", "cuda"])
+    js = CliRunner().invoke(
+        stn_export, [str(checkpoint_path), "-o", str(out), "--parity-samples", "8", "-q", "--json", "--target", "cuda"]
+    )
     steps = json.loads(js.stdout)["next_steps"]
     assert "--provider cuda" in steps["infer"] and "--precision fp16" in steps["fp16"] and "int8_speedup" not in steps

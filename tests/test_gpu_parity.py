@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_checkpoint
 
+from helpers import make_checkpoint
 from stn_deploy.runtime import Session
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_parity.py"
@@ -105,8 +105,12 @@ def test_placement_verdict_names_where_gridsample_ran_and_what_fell_back(gp):
         {"name": "grid", "op_type": "GridSample", "provider": cpu},
         {"name": "shape", "op_type": "Shape", "provider": cpu},
     ]
-    report = {"nodes": nodes, "counts": {cuda: 1, cpu: 2}, "copies": 2,
-              "cpu_fallback": [{"name": "grid", "op_type": "GridSample"}]}
+    report = {
+        "nodes": nodes,
+        "counts": {cuda: 1, cpu: 2},
+        "copies": 2,
+        "cpu_fallback": [{"name": "grid", "op_type": "GridSample"}],
+    }
     v = gp.placement_verdict(report, "cuda")
     assert v["gridsample_on"] == [cpu] and v["cpu_fallback_ops"] == ["GridSample"]
     assert v["all_compute_on_provider"] is False and v["copies"] == 2
@@ -118,8 +122,26 @@ def test_placement_verdict_names_where_gridsample_ran_and_what_fell_back(gp):
 def test_check_measures_placement_and_parity_of_a_real_model_on_the_cpu_provider(gp, exported, tmp_path):
     ckpt, model = exported
     out, placement = tmp_path / "parity.json", tmp_path / "placement.json"
-    args = ["check", str(model), "--checkpoint", str(ckpt), "--provider", "cpu", "--random", "9",
-            "--dataset-count", "0", "--extreme", "8", "--batches", "1,7", "--json", str(out), "--placement", str(placement)]
+    args = [
+        "check",
+        str(model),
+        "--checkpoint",
+        str(ckpt),
+        "--provider",
+        "cpu",
+        "--random",
+        "9",
+        "--dataset-count",
+        "0",
+        "--extreme",
+        "8",
+        "--batches",
+        "1,7",
+        "--json",
+        str(out),
+        "--placement",
+        str(placement),
+    ]
     assert gp.main(args) == 0
     report = json.loads(out.read_text())
     assert report["references"] == ["torch-cpu"] and report["inputs"] == {"random": 9}
@@ -141,8 +163,25 @@ def test_check_records_a_broken_model_and_goes_on(gp, exported, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file")
     out = tmp_path / "parity.json"
-    args = ["check", str(bad), str(model), "--checkpoint", str(ckpt), "--provider", "cpu", "--random", "2",
-            "--dataset-count", "0", "--extreme", "0", "--batches", "1", "--json", str(out)]
+    args = [
+        "check",
+        str(bad),
+        str(model),
+        "--checkpoint",
+        str(ckpt),
+        "--provider",
+        "cpu",
+        "--random",
+        "2",
+        "--dataset-count",
+        "0",
+        "--extreme",
+        "0",
+        "--batches",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert gp.main(args) == 1
     first, second = json.loads(out.read_text())["models"]
     assert first["model"] == str(bad) and "error" in first
@@ -153,14 +192,24 @@ def test_probe_ort_proves_a_node_ran_on_the_provider_without_importing_torch(tmp
     """Run as gpu_check.sh runs it: its own process, in which torch must not be imported (torch would
     load the CUDA libraries for onnxruntime and hide a missing-library problem)."""
     out = tmp_path / "probe.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "probe-ort", "--provider", "cpu", "--json", str(out)],
-                          check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "probe-ort", "--provider", "cpu", "--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     info = json.loads(out.read_text())
     assert info["ok"] and info["nodes_ran_on"] == ["CPUExecutionProvider"] and info["output_correct"]
     assert info["torch_imported"] is False
-    done = subprocess.run([sys.executable, str(SCRIPT), "probe-ort", "--provider", "cpu", "--expect-version", "0.0.0"],
-                          check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "probe-ort", "--provider", "cpu", "--expect-version", "0.0.0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "expected 0.0.0" in done.stdout
 
 
@@ -184,11 +233,16 @@ def _bench(rows: list[tuple[str, int, float, float]]) -> dict:
 
 
 def test_summary_judges_the_issues_speed_targets_from_the_bench_rows(gp, tmp_path):
-    bench = _bench([
-        ("pytorch-eager-cuda", 1, 2000.0, 0.5), ("pytorch-eager-cuda", 256, 100000.0, 2.56),
-        ("ort-cuda-fp32", 1, 5000.0, 0.2), ("ort-cuda-fp32", 256, 120000.0, 2.13),
-        ("ort-cuda-fp16", 1, 4000.0, 0.25), ("ort-cuda-fp16", 256, 150000.0, 1.71),
-    ])
+    bench = _bench(
+        [
+            ("pytorch-eager-cuda", 1, 2000.0, 0.5),
+            ("pytorch-eager-cuda", 256, 100000.0, 2.56),
+            ("ort-cuda-fp32", 1, 5000.0, 0.2),
+            ("ort-cuda-fp32", 256, 120000.0, 2.13),
+            ("ort-cuda-fp16", 1, 4000.0, 0.25),
+            ("ort-cuda-fp16", 256, 150000.0, 1.71),
+        ]
+    )
     fp32, fp16, b1 = gp.bench_targets(bench)
     assert fp32["value"] == pytest.approx(1.2) and fp32["met"] is True
     assert fp16["value"] == pytest.approx(1.25) and fp16["met"] is False
@@ -203,7 +257,8 @@ def test_summary_judges_the_issues_speed_targets_from_the_bench_rows(gp, tmp_pat
     (work / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps) + "{truncated li")
     (work / "pytest-cuda.xml").write_text(
         '<testsuites><testsuite><testcase classname="tests.test_runtime" name="test_cuda" time="1.5"/>'
-        '<testcase classname="tests.test_runtime" name="test_trt" time="0.1"><skipped message="no TensorRT"/></testcase>'
+        '<testcase classname="tests.test_runtime" name="test_trt" time="0.1">'
+        '<skipped message="no TensorRT"/></testcase>'
         "</testsuite></testsuites>"
     )
     assert gp.main(["summarize", str(work), "--out", str(out)]) == 0
@@ -255,8 +310,24 @@ def test_a_failing_diagnostic_session_leaves_the_main_comparison(gp, exported, t
 
     monkeypatch.setattr(gp, "raw_session", broken)
     out = tmp_path / "parity.json"
-    args = ["check", str(model), "--checkpoint", str(ckpt), "--provider", "cpu", "--random", "8",
-            "--dataset-count", "0", "--extreme", "8", "--batches", "1,7", "--json", str(out)]
+    args = [
+        "check",
+        str(model),
+        "--checkpoint",
+        str(ckpt),
+        "--provider",
+        "cpu",
+        "--random",
+        "8",
+        "--dataset-count",
+        "0",
+        "--extreme",
+        "8",
+        "--batches",
+        "1,7",
+        "--json",
+        str(out),
+    ]
     assert gp.main(args) == 0
     (m,) = json.loads(out.read_text())["models"]
     assert m["extreme_theta"] == "failed: RuntimeError: no such provider option"
@@ -273,9 +344,28 @@ def test_a_gpu_reference_that_cannot_start_is_recorded_and_the_cpu_one_goes_on(g
     ckpt, model = exported
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "parity.json"
-    args = ["check", str(model), "--checkpoint", str(ckpt), "--provider", "cpu", "--random", "8",
-            "--dataset-count", "0", "--extreme", "0", "--batches", "8", "--json", str(out)]
+    args = [
+        "check",
+        str(model),
+        "--checkpoint",
+        str(ckpt),
+        "--provider",
+        "cpu",
+        "--random",
+        "8",
+        "--dataset-count",
+        "0",
+        "--extreme",
+        "0",
+        "--batches",
+        "8",
+        "--json",
+        str(out),
+    ]
     assert gp.main(args) == 0
     report = json.loads(out.read_text())
-    assert report["references"] == ["torch-cpu"] and set(report["reference_errors"]) == {"torch-cuda", "torch-cuda-ieee"}
+    assert report["references"] == ["torch-cpu"] and set(report["reference_errors"]) == {
+        "torch-cuda",
+        "torch-cuda-ieee",
+    }
     assert report["models"][0]["comparisons"][0]["passed"]

@@ -53,7 +53,9 @@ def _conv_pool(*, pool_attrs=None, conv_attrs=None, size=10, kernel=2, extra_rea
     """x → Conv(k) → MaxPool(2, stride 2) [→ Relu] → y (optionally a second reader of the pool)."""
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[kernel, kernel], **(conv_attrs or {})),
-        helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2], **(pool_attrs or {})),
+        helper.make_node(
+            "MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2], **(pool_attrs or {})
+        ),
     ]
     outputs = [_tensor("y", None)]
     if relu_after_pool:
@@ -94,9 +96,14 @@ def _affine_grid(keepdims=0, axes=(-2,)):
         helper.make_node("Mul", ["base", "u"], ["m"], name="mul"),
         helper.make_node("ReduceSum", ["m", "axes"], ["grid"], name="reduce", keepdims=keepdims),
     ]
-    inits = [nh.from_array(base, "base"), nh.from_array(np.array([1], np.int64), "one"),
-             nh.from_array(np.array(axes, np.int64), "axes")]
-    return _model(nodes, [_tensor("theta_t", ["n", 3, 2])], [_tensor("grid", [f"g{i}" for i in range(3 + keepdims)])], inits)
+    inits = [
+        nh.from_array(base, "base"),
+        nh.from_array(np.array([1], np.int64), "one"),
+        nh.from_array(np.array(axes, np.int64), "axes"),
+    ]
+    return _model(
+        nodes, [_tensor("theta_t", ["n", 3, 2])], [_tensor("grid", [f"g{i}" for i in range(3 + keepdims)])], inits
+    )
 
 
 def test_the_affine_grid_becomes_one_matmul_with_the_same_values():
@@ -156,8 +163,12 @@ def _pool_then_slice(*, shared=False):
     if shared:
         nodes.append(helper.make_node("Identity", ["p"], ["z"], name="other"))
         outputs.append(_tensor("z", None))
-    inits = [_weight("w", [3, 2, 3, 3]), nh.from_array(np.array([0, 0], np.int64), "starts"),
-             nh.from_array(np.array([4, 4], np.int64), "ends"), nh.from_array(np.array([2, 3], np.int64), "axes")]
+    inits = [
+        _weight("w", [3, 2, 3, 3]),
+        nh.from_array(np.array([0, 0], np.int64), "starts"),
+        nh.from_array(np.array([4, 4], np.int64), "ends"),
+        nh.from_array(np.array([2, 3], np.int64), "axes"),
+    ]
     return _model(nodes, [_tensor("x", [1, 2, 12, 12])], outputs, inits)
 
 
@@ -191,10 +202,16 @@ def test_unfolded_and_padded_rgb_convs_keep_their_outputs():
     padded, counts, _ = apply_rules(model, [pad_conv_input_channels()])
     assert counts == {"pad_conv_input_channels": 1} and "Pad" in op_counts(padded)
     _same_outputs(model, padded, feeds)
-    grouped = _model([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], group=3)],
-                     [_tensor("x", [1, 3, 12, 12])], [_tensor("y", None)], [_weight("w", [3, 1, 5, 5])])
+    grouped = _model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], group=3)],
+        [_tensor("x", [1, 3, 12, 12])],
+        [_tensor("y", None)],
+        [_weight("w", [3, 1, 5, 5])],
+    )
     assert apply_rules(grouped, [unfold_conv_rows(), pad_conv_input_channels()])[1] == {
-        "unfold_conv_rows": 0, "pad_conv_input_channels": 0}
+        "unfold_conv_rows": 0,
+        "pad_conv_input_channels": 0,
+    }
 
 
 def test_the_theta_path_runs_from_the_theta_linear_to_the_sampler_grid():
@@ -205,9 +222,14 @@ def test_the_theta_path_runs_from_the_theta_linear_to_the_sampler_grid():
         helper.make_node("GridSample", ["image", "grid"], ["warped"], name="sampler"),
         helper.make_node("Relu", ["warped"], ["out"], name="classifier"),
     ]
-    inits = [_weight("w_theta", [6, 4]), _weight("b_theta", [6]), nh.from_array(np.array([-1, 2, 3], np.int64), "shape"),
-             nh.from_array(np.array([1, 1, 4, 4], np.int64), "size")]
-    graph = helper.make_graph(nodes, "g", [_tensor("feat", [1, 4]), _tensor("image", [1, 1, 4, 4])],
-                              [_tensor("out", None)], inits)
+    inits = [
+        _weight("w_theta", [6, 4]),
+        _weight("b_theta", [6]),
+        nh.from_array(np.array([-1, 2, 3], np.int64), "shape"),
+        nh.from_array(np.array([1, 1, 4, 4], np.int64), "size"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [_tensor("feat", [1, 4]), _tensor("image", [1, 1, 4, 4])], [_tensor("out", None)], inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     assert sorted(theta_path_nodes(to_ir(model).graph)) == ["affine_grid", "theta_linear", "to_2x3"]

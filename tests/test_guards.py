@@ -14,14 +14,13 @@ from stn_deploy.runtime import (
     CUDA,
     TENSORRT,
     GraphInfo,
-    ProviderConfig,
     Session,
     compare_devices,
+    providers,
     read_graph_info,
     resolve_providers,
     tensorrt_excluded_ops,
 )
-from stn_deploy.runtime import providers
 from stn_deploy.runtime import session as session_module
 from stn_deploy.runtime.guards import FP32_MAX_ABS_DIFF, LOW_PRECISION_MAX_ABS_DIFF
 

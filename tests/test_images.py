@@ -164,7 +164,9 @@ def test_find_images_walks_recursively_in_sorted_order(tmp_path):
     for rel in ("b/2.png", "a/1.JPG", "a/z/3.webp", "c.gif", ".hidden/4.png", "a/.5.png"):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_pixels(8, 8)).save(p, format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "gif": "GIF"}[p.suffix[1:].lower()])
+        Image.fromarray(_pixels(8, 8)).save(
+            p, format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "gif": "GIF"}[p.suffix[1:].lower()]
+        )
     (tmp_path / "notes.txt").write_text("not an image")
     listing = find_images(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in listing.files] == ["a/1.JPG", "a/z/3.webp", "b/2.png", "c.gif"]

@@ -89,8 +89,16 @@ def test_csv_output_columns_and_stdout_default(tmp_path, model_path):
     stdout = result.stdout
     rows = list(csv.DictReader(stdout.splitlines()))
     assert list(rows[0]) == [
-        "path", "label", "index", "confidence", "top1_label", "top1_prob", "top2_label", "top2_prob",
-        *[f"theta_{i}" for i in range(6)], "error",
+        "path",
+        "label",
+        "index",
+        "confidence",
+        "top1_label",
+        "top1_prob",
+        "top2_label",
+        "top2_prob",
+        *[f"theta_{i}" for i in range(6)],
+        "error",
     ]
     assert [r["path"] for r in rows] == [p.as_posix() for p in paths]
     assert all(r["error"] == "" and r["label"].startswith("class_") for r in rows)
@@ -100,7 +108,8 @@ def test_csv_output_columns_and_stdout_default(tmp_path, model_path):
     streamed = _invoke(images, "--model", model_path, "--top-k", "2", "--threads", "2", "--streams", "2", "-b", "5")
     assert streamed.exit_code == 0
     assert [(r["path"], r["label"], r["top1_prob"]) for r in csv.DictReader(streamed.stdout.splitlines())] == [
-        (r["path"], r["label"], r["top1_prob"]) for r in rows]
+        (r["path"], r["label"], r["top1_prob"]) for r in rows
+    ]
     assert "2 streams" in streamed.stderr
 
 
@@ -113,7 +122,9 @@ def test_streams_auto_is_reported_in_the_summary_line_and_the_json(tmp_path, mod
     assert "CPUExecutionProvider, 2 streams)" in big.stderr and json.loads(big.stdout)["streams"] == 2
     small = _invoke(images, "--model", model_path, "--threads", "2", "-b", "8", "-o", tmp_path / "b.csv", "--json")
     assert "CPUExecutionProvider, 1 stream)" in small.stderr and json.loads(small.stdout)["streams"] == 1
-    explicit = _invoke(images, "--model", model_path, "--threads", "2", "-b", "8", "--streams", "2", "-o", tmp_path / "c.csv")
+    explicit = _invoke(
+        images, "--model", model_path, "--threads", "2", "-b", "8", "--streams", "2", "-o", tmp_path / "c.csv"
+    )
     assert "2 streams)" in explicit.stderr  # an explicit number wins
 
 
@@ -248,7 +259,11 @@ def test_decode_pools_and_workers_give_identical_rows(tmp_path, model_path):
     images = tmp_path / "images"
     _write_images(images, n_png=7, n_jpg=6)
     outs = []
-    for extra in (["--decode-workers", "1"], ["--decode-workers", "3", "--batch-size", "2"], ["--decode-pool", "process", "--decode-workers", "2"]):
+    for extra in (
+        ["--decode-workers", "1"],
+        ["--decode-workers", "3", "--batch-size", "2"],
+        ["--decode-pool", "process", "--decode-workers", "2"],
+    ):
         out = tmp_path / f"p{len(outs)}.csv"
         assert _invoke(images, "--model", model_path, "-o", out, *extra).exit_code == 0
         outs.append(out.read_text())
@@ -258,7 +273,14 @@ def test_decode_pools_and_workers_give_identical_rows(tmp_path, model_path):
 def test_help_documents_exit_codes_and_output():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
-    for text in ("Exit status: 0", "3 the run finished but some files failed", "--output", ".jsonl", "--strict-placement", "--visualize"):
+    for text in (
+        "Exit status: 0",
+        "3 the run finished but some files failed",
+        "--output",
+        ".jsonl",
+        "--strict-placement",
+        "--visualize",
+    ):
         assert text in r.output, text
 
 
@@ -272,8 +294,11 @@ def test_cli_imports_no_torch_and_runs_as_a_command(tmp_path, model_path):
         "finally:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
     )
     out = tmp_path / "p.jsonl"
-    proc = subprocess.run([sys.executable, "-c", code, str(images), "--model", str(model_path), "-o", str(out), "--no-progress"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(images), "--model", str(model_path), "-o", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().endswith("NO-TORCH")
     assert len(_rows(out)) == 3
@@ -350,8 +375,15 @@ def test_a_failed_run_removes_the_folders_it_created(tmp_path, model_path, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "predictions_for", boom)
-    r = _invoke(images, "--model", model_path, "-o", tmp_path / "new" / "deep" / "p.csv", "--visualize",
-                tmp_path / "pictures" / "run1")
+    r = _invoke(
+        images,
+        "--model",
+        model_path,
+        "-o",
+        tmp_path / "new" / "deep" / "p.csv",
+        "--visualize",
+        tmp_path / "pictures" / "run1",
+    )
     assert r.exit_code == 130
     assert not (tmp_path / "new").exists() and not (tmp_path / "pictures").exists()
 
@@ -382,9 +414,28 @@ def test_ctrl_c_with_the_process_pool_prints_no_worker_tracebacks(tmp_path, mode
         Image.fromarray(np.full((64, 64, 3), i % 255, np.uint8)).save(path)
     out = tmp_path / "p.csv"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model_path), "-o", str(out),
-         "--decode-pool", "process", "--decode-workers", "2", "-b", "8", "--no-progress", "--threads", "1"],
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "stn_deploy.infer",
+            str(images),
+            "--model",
+            str(model_path),
+            "-o",
+            str(out),
+            "--decode-pool",
+            "process",
+            "--decode-workers",
+            "2",
+            "-b",
+            "8",
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):  # rows are being written

@@ -108,8 +108,9 @@ def test_rows_are_written_before_the_walk_ends(tmp_path, model_path):
     finished_at_write = []
     real_write = writer.write
     writer.write = lambda rows: (finished_at_write.append(walk.finished), real_write(rows))[1]
-    summary = run_inference(session, walk, writer, root=tmp_path, batch_size=2, decode_workers=1,
-                            decode_pool="thread", progress=False)
+    summary = run_inference(
+        session, walk, writer, root=tmp_path, batch_size=2, decode_workers=1, decode_pool="thread", progress=False
+    )
     assert summary.images == summary.ok == 12 and summary.pool == "thread"
     assert finished_at_write[0] is False and finished_at_write[-1] is True
     assert [r["path"] for r in _csv(stream.getvalue())] == [p.as_posix() for p in sorted(tmp_path.rglob("*.png"))]
@@ -125,8 +126,12 @@ def test_a_one_image_run_starts_no_pool_and_imports_no_progress_bar(tmp_path, mo
         "if m in sys.modules), file=sys.stderr)\n"
     )
     out = tmp_path / "p.jsonl"
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "one.png"), "--model", str(model_path), "-o", str(out),
-                           "--json"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "one.png"), "--model", str(model_path), "-o", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]"
     summary = json.loads(proc.stdout)
@@ -149,15 +154,37 @@ def test_decoder_warnings_reach_the_json_summary_never_stderr(tmp_path, model_pa
     for i in range(3):
         Image.fromarray(_photo(40, 60, i)).save(images / f"{i}.jpg", quality=90, exif=_exif_block(6))
     out = tmp_path / "p.csv"
-    proc = subprocess.run([sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model_path), "-o", str(out),
-                           "--json", "--no-progress", "--decode-pool", pool, "--batch-size", "2"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stn_deploy.infer",
+            str(images),
+            "--model",
+            str(model_path),
+            "-o",
+            str(out),
+            "--json",
+            "--no-progress",
+            "--decode-pool",
+            pool,
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Tag data" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     assert "3 decoder warning(s) (listed by --json)" in proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["decode_pool"] == pool
     assert summary["warnings"] == [
-        {"path": (images / f"{i}.jpg").as_posix(), "warning": "UserWarning: Tag data larger than file. Skipping tag 270"}
+        {
+            "path": (images / f"{i}.jpg").as_posix(),
+            "warning": "UserWarning: Tag data larger than file. Skipping tag 270",
+        }
         for i in range(3)
     ]
 
@@ -187,5 +214,10 @@ def test_auto_pool_depends_on_the_run_size_and_the_file_size():
 def test_help_says_what_decode_auto_does():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
-    for text in ("--decode [auto|fast|exact]", "jpeg fast, png exact, other exact", "--decode-pool", "(was: always thread)"):
+    for text in (
+        "--decode [auto|fast|exact]",
+        "jpeg fast, png exact, other exact",
+        "--decode-pool",
+        "(was: always thread)",
+    ):
         assert text in " ".join(r.output.split()), text

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import assert_cli_error, make_checkpoint
 from stn_deploy import metadata as md
 from stn_deploy.errors import DatasetError, ExportCheckError
 from stn_deploy.export import export_model
@@ -22,8 +23,6 @@ from stn_deploy.export.graph_rewrites import EXACT_RULES, apply_rules, rewrite_e
 from stn_deploy.export.precision import FP16_MAX_ABS_DIFF, convert_fp16
 from stn_deploy.export.quantize import CONFIGS, FAST_CPU, quantize_int8
 from stn_deploy.train.model import STNConfig
-
-from helpers import assert_cli_error, make_checkpoint
 
 SMALL = STNConfig(conv_channels=(8, 16), fc_hidden=32, loc_channels=(8, 16), loc_hidden=16)
 
@@ -57,13 +56,19 @@ def _fp32_labels(path, images):
 
 def test_exact_rewrites_keep_outputs(small_onnx, tmp_path):
     model, counts, _ = rewrite_exact(onnx.load(str(small_onnx)))
-    assert counts == {"relu_before_maxpool": 4, "affine_grid_as_matmul": 1, "crop_unpooled_conv_input": 1,
-                      "crop_through_pool": 1}
+    assert counts == {
+        "relu_before_maxpool": 4,
+        "affine_grid_as_matmul": 1,
+        "crop_unpooled_conv_input": 1,
+        "crop_through_pool": 1,
+    }
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, tmp_path / "rewritten.onnx")
     x = _images(16, 1)
     a = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
-    b = ort.InferenceSession(str(tmp_path / "rewritten.onnx"), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    b = ort.InferenceSession(str(tmp_path / "rewritten.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {md.INPUT: x}
+    )[0]
     assert np.abs(a - b).max() <= 1e-5
 
 
@@ -77,7 +82,9 @@ def test_unfold_conv_rows_keeps_outputs_and_makes_channels_a_multiple_of_4(small
     onnx.save(model, tmp_path / "unfolded.onnx")
     x = _images(16, 7)
     a = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
-    b = ort.InferenceSession(str(tmp_path / "unfolded.onnx"), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    b = ort.InferenceSession(str(tmp_path / "unfolded.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {md.INPUT: x}
+    )[0]
     assert np.abs(a - b).max() <= 1e-5
 
 
@@ -93,7 +100,9 @@ def test_pad_conv_input_channels_keeps_outputs(small_onnx, tmp_path):
     onnx.save(model, tmp_path / "padded.onnx")
     x = _images(8, 9)
     a = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
-    b = ort.InferenceSession(str(tmp_path / "padded.onnx"), providers=["CPUExecutionProvider"]).run(None, {md.INPUT: x})[0]
+    b = ort.InferenceSession(str(tmp_path / "padded.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {md.INPUT: x}
+    )[0]
     assert np.abs(a - b).max() <= 1e-5
 
 
@@ -131,8 +140,9 @@ def test_quantize_int8_writes_a_running_model_with_report(small_onnx, tmp_path):
     # the θ Linear, the grid's reshapes and transpose, and the grid MatMul
     assert {n.op_type for n in kept_fp32.values()} >= {"Gemm", "Reshape", "Transpose", "MatMul"}
     # ... and they run in fp32: no weight or second operand of theirs is dequantized int8
-    assert not any(i in producers and producers[i].op_type == "DequantizeLinear"
-                   for n in kept_fp32.values() for i in n.input[1:])
+    assert not any(
+        i in producers and producers[i].op_type == "DequantizeLinear" for n in kept_fp32.values() for i in n.input[1:]
+    )
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for n in (1, 7):
@@ -149,8 +159,14 @@ def test_quantize_refuses_an_inaccurate_model_and_leaves_no_file(small_onnx, tmp
     assert not out.exists()
     assert not list(tmp_path.iterdir())
     # the same model with the gate turned off is written (the override)
-    report = quantize_int8(small_onnx, out, np.zeros((32, 3, 32, 32), np.float32), eval_images=ev, eval_labels=labels,
-                           max_accuracy_drop=None)
+    report = quantize_int8(
+        small_onnx,
+        out,
+        np.zeros((32, 3, 32, 32), np.float32),
+        eval_images=ev,
+        eval_labels=labels,
+        max_accuracy_drop=None,
+    )
     assert report.written and report.accuracy_drop > 0.5 and out.is_file()
 
 
@@ -216,8 +232,19 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     images = _image_dir(tmp_path / "calib", 24, 7)
     result = CliRunner().invoke(
         export_main,
-        [str(ckpt), "--parity-samples", "8", "-q", "--json", "--quantize", "int8", "--calibration", str(images),
-         "--max-accuracy-drop", "50"],
+        [
+            str(ckpt),
+            "--parity-samples",
+            "8",
+            "-q",
+            "--json",
+            "--quantize",
+            "int8",
+            "--calibration",
+            str(images),
+            "--max-accuracy-drop",
+            "50",
+        ],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -234,8 +261,19 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
         _image_dir(labelled / f"class_{k}", 6, 20 + k)
     scored = CliRunner().invoke(
         export_main,
-        [str(tmp_path / "cli.onnx"), "-o", str(tmp_path / "lab.int8.onnx"), "-q", "--json", "--quantize", "int8",
-         "--calibration", str(labelled), "--max-accuracy-drop", "50"],
+        [
+            str(tmp_path / "cli.onnx"),
+            "-o",
+            str(tmp_path / "lab.int8.onnx"),
+            "-q",
+            "--json",
+            "--quantize",
+            "int8",
+            "--calibration",
+            str(labelled),
+            "--max-accuracy-drop",
+            "50",
+        ],
     )
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.stdout)["int8"]
@@ -245,8 +283,23 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     # --int8-config plain: the same quantization without the row unfolding (the layout OpenVINO runs best)
     plain = CliRunner().invoke(
         export_main,
-        [str(ckpt), "-o", str(tmp_path / "plain.onnx"), "--parity-samples", "8", "-q", "--json", "--quantize", "int8",
-         "--int8-config", "plain", "--calibration", str(images), "--max-accuracy-drop", "50"],
+        [
+            str(ckpt),
+            "-o",
+            str(tmp_path / "plain.onnx"),
+            "--parity-samples",
+            "8",
+            "-q",
+            "--json",
+            "--quantize",
+            "int8",
+            "--int8-config",
+            "plain",
+            "--calibration",
+            str(images),
+            "--max-accuracy-drop",
+            "50",
+        ],
     )
     assert plain.exit_code == 0, plain.output
     report = json.loads(plain.stdout)["int8"]
@@ -256,22 +309,37 @@ def test_stn_export_quantize_from_an_image_directory(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "plain.int8.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {md.INPUT: _images(3, 8)})[0].shape == (3, 10)
 
-    lone = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "lone.onnx"), "-q", "--int8-config", "plain"])
+    lone = CliRunner().invoke(
+        export_main, [str(ckpt), "-o", str(tmp_path / "lone.onnx"), "-q", "--int8-config", "plain"]
+    )
     assert_cli_error(lone, 2, "--quantize int8")
     assert not (tmp_path / "lone.onnx").exists()
 
     # no calibration samples: refused before the export starts
-    uncalibrated = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "u.onnx"), "-q", "--quantize", "int8"])
+    uncalibrated = CliRunner().invoke(
+        export_main, [str(ckpt), "-o", str(tmp_path / "u.onnx"), "-q", "--quantize", "int8"]
+    )
     assert_cli_error(uncalibrated, 2, "--calibration")
     assert not (tmp_path / "u.onnx").exists()
 
-    missing = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "m.onnx"), "-q", "--quantize", "int8",
-                                               "--calibration", str(tmp_path / "nope")])
+    missing = CliRunner().invoke(
+        export_main,
+        [
+            str(ckpt),
+            "-o",
+            str(tmp_path / "m.onnx"),
+            "-q",
+            "--quantize",
+            "int8",
+            "--calibration",
+            str(tmp_path / "nope"),
+        ],
+    )
     assert_cli_error(missing, 1, "nope")
     assert not (tmp_path / "m.int8.onnx").exists()
     # a mistyped dataset name says so (it used to read "not available on this machine")
-    from stn_deploy.train.data import load_image_samples as load_calibration
     from stn_deploy.preprocessing import Preprocessing
+    from stn_deploy.train.data import load_image_samples as load_calibration
 
     with pytest.raises(DatasetError, match="digitz: not a directory, nor a dataset name"):
         load_calibration("digitz", Preprocessing())
@@ -285,8 +353,21 @@ def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_
     run = lambda *args: CliRunner().invoke(export_main, [str(a) for a in args])  # noqa: E731
 
     plain = tmp_path / "small.plain.int8.onnx"
-    result = run(fp32, "-q", "--json", "--quantize", "int8", "--int8-config", "plain", "--calibration", images,
-                 "--max-accuracy-drop", "50", "-o", plain)
+    result = run(
+        fp32,
+        "-q",
+        "--json",
+        "--quantize",
+        "int8",
+        "--int8-config",
+        "plain",
+        "--calibration",
+        images,
+        "--max-accuracy-drop",
+        "50",
+        "-o",
+        plain,
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["source"] == str(fp32) and payload["int8"]["written"]
@@ -306,8 +387,22 @@ def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_
         (run(fp32, "-q"), 2, "--quantize int8"),
         (run(fp32, "-q", "--optimize", "--precision", "fp16"), 2, "--optimize"),
         (run(fp32, "-q", "--target", "cuda", "--precision", "fp16"), 2, "--target"),
-        (run(fp32, "-q", "--quantize", "int8", "--calibration", images, "--precision", "fp16", "-o", tmp_path / "x.onnx"),
-         2, "two variants"),
+        (
+            run(
+                fp32,
+                "-q",
+                "--quantize",
+                "int8",
+                "--calibration",
+                images,
+                "--precision",
+                "fp16",
+                "-o",
+                tmp_path / "x.onnx",
+            ),
+            2,
+            "two variants",
+        ),
         (run(fp32, "-q", "--precision", "fp16", "-o", fp32), 2, "MODEL itself"),
         (run(plain, "-q", "--precision", "fp16", "-o", tmp_path / "y.onnx"), 1, "precision int8, not fp32"),
         (run(tmp_path / "missing.onnx", "-q", "--precision", "fp16"), 1, "no such model file"),
@@ -319,7 +414,9 @@ def test_stn_export_derives_variants_from_an_exported_onnx_file(small_onnx, tmp_
     cases.append((run(fp32, "-q", "--precision", "fp16", "-o", tmp_path / "a_dir.onnx"), 2, "is a directory"))
     cases.append((run(fp32, "-q", "--quantize", "int8", "-o", tmp_path / "z.onnx"), 2, "--calibration"))
     # -o inside a file: the conversion runs, then the write is refused, naming the file in the way
-    cases.append((run(fp32, "-q", "--precision", "fp16", "-o", fp32 / "x.onnx"), 1, f"{fp32}: a part of this path is a file"))
+    cases.append(
+        (run(fp32, "-q", "--precision", "fp16", "-o", fp32 / "x.onnx"), 1, f"{fp32}: a part of this path is a file")
+    )
     for result, code, text in cases:
         assert_cli_error(result, code, text)
     assert not any((tmp_path / n).exists() for n in ("x.onnx", "y.onnx", "z.onnx", "junk.fp16.onnx"))
@@ -334,8 +431,9 @@ def test_portable_target_keeps_its_standard_op_sampler_in_fp32(tmp_path):
     ckpt = make_checkpoint(tmp_path / "p.pt", SMALL, seed=3, theta_bias=(0.9, 0.1, 0.05, -0.1, 0.8, 0.0))
     fp32 = tmp_path / "p.onnx"
     export_model(ckpt, fp32, target="portable", parity_samples=8, progress=False)
-    report = quantize_int8(fp32, tmp_path / "p.int8.onnx", _images(32, 2), max_accuracy_drop=None,
-                           config=CONFIGS["plain"])
+    report = quantize_int8(
+        fp32, tmp_path / "p.int8.onnx", _images(32, 2), max_accuracy_drop=None, config=CONFIGS["plain"]
+    )
     model = onnx.load(str(tmp_path / "p.int8.onnx"))
     excluded = {n.name: n for n in model.graph.node if n.name in report.excluded_nodes}
     assert {"Gemm", "Floor", "GatherElements", "Where"} <= {n.op_type for n in excluded.values()}
@@ -346,5 +444,7 @@ def test_portable_target_keeps_its_standard_op_sampler_in_fp32(tmp_path):
         inputs = node.input[1:] if node.op_type == "Gemm" else node.input
         fed = [producers[i] for i in inputs if i in producers]
         assert not any(f.op_type == "DequantizeLinear" for f in fed), node.name
-    assert any(n.op_type == "QLinearConv" or n.op_type == "DequantizeLinear" for n in model.graph.node)  # ... yet convs are int8
+    assert any(
+        n.op_type == "QLinearConv" or n.op_type == "DequantizeLinear" for n in model.graph.node
+    )  # ... yet convs are int8
     assert dumped_before or not dump.exists()  # ... and removed when it gives up

@@ -7,14 +7,12 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from stn_deploy import runtime
-from stn_deploy.runtime import providers
 from stn_deploy.errors import ModelFileError, ProviderError
 from stn_deploy.runtime import (
     CPU,
@@ -27,9 +25,9 @@ from stn_deploy.runtime import (
     ProviderConfig,
     Session,
     parse_profile,
+    providers,
     resolve_providers,
 )
-
 
 # -- provider selection (no GPU needed) ----------------------------------------------------------
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -39,7 +37,12 @@ CPU_BUILD = ["CPUExecutionProvider"]
 
 @pytest.mark.parametrize(
     ("available", "expected"),
-    [(GPU_BUILD, [TENSORRT, CUDA, CPU]), (CUDA_BUILD, [CUDA, CPU]), (CPU_BUILD, [CPU]), (["AzureExecutionProvider", CPU], [CPU])],
+    [
+        (GPU_BUILD, [TENSORRT, CUDA, CPU]),
+        (CUDA_BUILD, [CUDA, CPU]),
+        (CPU_BUILD, [CPU]),
+        (["AzureExecutionProvider", CPU], [CPU]),
+    ],
 )
 def test_auto_picks_the_best_available_in_order(available, expected):
     assert [name for name, _ in resolve_providers("auto", available=available)] == expected
@@ -67,9 +70,15 @@ def test_unknown_provider():
 
 def test_provider_options_are_built_from_the_config(tmp_path):
     config = ProviderConfig(
-        device_id=1, trt_fp16=True, trt_engine_cache=tmp_path / "trt", trt_max_batch=64, cuda_conv_algo_search="heuristic"
+        device_id=1,
+        trt_fp16=True,
+        trt_engine_cache=tmp_path / "trt",
+        trt_max_batch=64,
+        cuda_conv_algo_search="heuristic",
     )
-    chain = dict(resolve_providers("tensorrt", config, available=GPU_BUILD, input_name="image", input_shape=(3, 32, 32)))
+    chain = dict(
+        resolve_providers("tensorrt", config, available=GPU_BUILD, input_name="image", input_shape=(3, 32, 32))
+    )
     trt = chain[TENSORRT]
     assert trt["device_id"] == 1 and trt["trt_fp16_enable"] is True
     assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path / "trt")
@@ -185,7 +194,11 @@ def test_session_reads_metadata_and_runs_batches(model_path):
 
     x = np.random.default_rng(0).normal(size=(10, 3, 32, 32)).astype(np.float32)
     full = session.run(x)
-    assert full["log_probs"].shape == (10, 10) and full["theta"].shape == (10, 2, 3) and full["warped"].shape == (10, 3, 32, 32)
+    assert (
+        full["log_probs"].shape == (10, 10)
+        and full["theta"].shape == (10, 2, 3)
+        and full["warped"].shape == (10, 3, 32, 32)
+    )
     np.testing.assert_allclose(np.exp(full["log_probs"]).sum(1), 1.0, rtol=1e-5)
     # Batches of 4: 4 + 4 + a partial 2, same numbers as one run.
     parts = list(session.predict(x, batch_size=4, output_names=["log_probs"]))
@@ -213,8 +226,9 @@ def test_session_options_are_applied(model_path):
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     seen: list[tuple[int, ...]] = []
     real_run = session._session.run
-    session._session = type("Spy", (), {"run": lambda _, names, feeds: seen.append(feeds["image"].shape)
-                                        or real_run(names, feeds)})()
+    session._session = type(
+        "Spy", (), {"run": lambda _, names, feeds: seen.append(feeds["image"].shape) or real_run(names, feeds)}
+    )()
     assert session.warmup(2, batch=3) > 0
     assert seen == [(3, 3, 32, 32)] * 2  # two runs of a batch of three
     assert session.warmup(0) == 0.0 and len(seen) == 2
@@ -282,10 +296,26 @@ def test_placement_flags_compute_left_on_cpu_in_a_gpu_run():
     """Parsing a (synthetic) CUDA trace: shape-only CPU nodes are expected, compute is not."""
     events = [
         {"cat": "Session", "name": "model_run", "args": {}},
-        {"cat": "Node", "name": "conv1_kernel_time", "args": {"op_name": "Conv", "provider": CUDA, "output_type_shape": [{"float": [1, 16, 28, 28]}]}},
-        {"cat": "Node", "name": "shape_kernel_time", "args": {"op_name": "Shape", "provider": CPU, "output_type_shape": [{"int64": [4]}]}},
-        {"cat": "Node", "name": "grid_kernel_time", "args": {"op_name": "GridSample", "provider": CPU, "output_type_shape": [{"float": [1, 3, 32, 32]}]}},
-        {"cat": "Node", "name": "copy_kernel_time", "args": {"op_name": "MemcpyToHost", "provider": CUDA, "output_type_shape": [{"float": [1, 3, 32, 32]}]}},
+        {
+            "cat": "Node",
+            "name": "conv1_kernel_time",
+            "args": {"op_name": "Conv", "provider": CUDA, "output_type_shape": [{"float": [1, 16, 28, 28]}]},
+        },
+        {
+            "cat": "Node",
+            "name": "shape_kernel_time",
+            "args": {"op_name": "Shape", "provider": CPU, "output_type_shape": [{"int64": [4]}]},
+        },
+        {
+            "cat": "Node",
+            "name": "grid_kernel_time",
+            "args": {"op_name": "GridSample", "provider": CPU, "output_type_shape": [{"float": [1, 3, 32, 32]}]},
+        },
+        {
+            "cat": "Node",
+            "name": "copy_kernel_time",
+            "args": {"op_name": "MemcpyToHost", "provider": CUDA, "output_type_shape": [{"float": [1, 3, 32, 32]}]},
+        },
         {"cat": "Node", "name": "conv1_kernel_time", "args": {"op_name": "Conv", "provider": CUDA}},  # a second run
     ]
     report = parse_profile(events, [CUDA, CPU])
@@ -299,7 +329,10 @@ def test_placement_flags_compute_left_on_cpu_in_a_gpu_run():
 
 def test_strict_placement_raises_and_default_warns(model_path, monkeypatch):
     session = Session(model_path, "cpu", threads=1)
-    fake = PlacementReport(providers=[CUDA, CPU], nodes=[NodePlacement("g", "GridSample", CPU, ("float",)), NodePlacement("c", "Conv", CUDA, ("float",))])
+    fake = PlacementReport(
+        providers=[CUDA, CPU],
+        nodes=[NodePlacement("g", "GridSample", CPU, ("float",)), NodePlacement("c", "Conv", CUDA, ("float",))],
+    )
     monkeypatch.setattr(session, "_placement", fake)
     monkeypatch.setattr(session, "providers", [CUDA, CPU])
     seen: list[str] = []
@@ -345,7 +378,9 @@ def test_runtime_imports_no_torch():
 @pytest.mark.cuda
 def test_cuda_session_matches_cpu(model_path):
     if CUDA not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)")
+        pytest.skip(
+            f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)"
+        )
     x = np.random.default_rng(2).normal(size=(8, 3, 32, 32)).astype(np.float32)
     cpu = Session(model_path, "cpu").run(x)
     cuda = Session(model_path, "cuda", provider_config=ProviderConfig(cuda_conv_algo_search="HEURISTIC"))
@@ -359,10 +394,14 @@ def test_cuda_session_matches_cpu(model_path):
 @pytest.mark.tensorrt
 def test_tensorrt_session_matches_cpu(model_path, tmp_path):
     if TENSORRT not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime {ort.__version__} here has no TensorrtExecutionProvider (needs onnxruntime-gpu with TensorRT)")
+        pytest.skip(
+            f"onnxruntime {ort.__version__} here has no TensorrtExecutionProvider (needs onnxruntime-gpu with TensorRT)"
+        )
     x = np.random.default_rng(3).normal(size=(8, 3, 32, 32)).astype(np.float32)
     cpu = Session(model_path, "cpu").run(x)
-    trt = Session(model_path, "tensorrt", provider_config=ProviderConfig(trt_engine_cache=tmp_path / "trt", trt_max_batch=8))
+    trt = Session(
+        model_path, "tensorrt", provider_config=ProviderConfig(trt_engine_cache=tmp_path / "trt", trt_max_batch=8)
+    )
     assert trt.provider == TENSORRT
     np.testing.assert_allclose(trt.run(x)["log_probs"], cpu["log_probs"], atol=1e-3)
     assert any(tmp_path.joinpath("trt").iterdir()), "no TensorRT engine was cached"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from serve_support import (
     ServerProcess,
     assert_json_error,
@@ -22,7 +23,6 @@ from serve_support import (
     raw_http,
     read_response,
 )
-
 from stn_deploy.images import decode
 from stn_deploy.runtime import Session
 
@@ -31,7 +31,9 @@ for _module in ("uvicorn", "starlette", "multipart"):
     pytest.importorskip(_module, reason=REASON)
 httpx = pytest.importorskip("httpx", reason=REASON)
 httpclient = pytest.importorskip("tritonclient.http", reason=REASON)
-text_string_to_metric_families = pytest.importorskip("prometheus_client.parser", reason=REASON).text_string_to_metric_families
+text_string_to_metric_families = pytest.importorskip(
+    "prometheus_client.parser", reason=REASON
+).text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3.0  # the main server's --request-timeout-s (the slow-loris test waits this long)
@@ -51,8 +53,21 @@ def plain_path(served_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(served_model, plain_path):
     proc = ServerProcess(
-        served_model, plain_path, "--name", "stn", "--name", "plain", "--max-body-mb", str(MAX_BODY_MB),
-        "--request-timeout-s", str(TIMEOUT_S), "--max-batch-size", "16", "--max-queue-delay-ms", "5", "--json",
+        served_model,
+        plain_path,
+        "--name",
+        "stn",
+        "--name",
+        "plain",
+        "--max-body-mb",
+        str(MAX_BODY_MB),
+        "--request-timeout-s",
+        str(TIMEOUT_S),
+        "--max-batch-size",
+        "16",
+        "--max-queue-delay-ms",
+        "5",
+        "--json",
     )
     yield proc
     assert proc.stop() == 0
@@ -74,7 +89,10 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 
 def _json_request(x: np.ndarray, **extra) -> dict:
-    return {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
+    return {
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        **extra,
+    }
 
 
 def _still_serving(server, session) -> None:
@@ -101,8 +119,14 @@ def test_tritonclient_health_metadata_and_binary_infer_match_the_session(server,
     meta = client.get_model_metadata("stn")
     assert meta["name"] == "stn" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
-    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"log_probs": [-1, 10], "theta": [-1, 2, 3], "warped": [-1, 3, 32, 32]}
-    assert client.get_model_metadata("plain")["outputs"] == [{"name": "log_probs", "datatype": "FP32", "shape": [-1, 10]}]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
+        "log_probs": [-1, 10],
+        "theta": [-1, 2, 3],
+        "warped": [-1, 3, 32, 32],
+    }
+    assert client.get_model_metadata("plain")["outputs"] == [
+        {"name": "log_probs", "datatype": "FP32", "shape": [-1, 10]}
+    ]
 
     x = _images(5, 0)
     result = client.infer("stn", [_infer_input(x)], request_id="req-42")
@@ -116,7 +140,10 @@ def test_tritonclient_health_metadata_and_binary_infer_match_the_session(server,
 def test_tritonclient_output_selection_and_json_outputs(server, session):
     client = httpclient.InferenceServerClient(server.hostport)
     x = _images(3, 1)
-    outputs = [httpclient.InferRequestedOutput("theta", binary_data=False), httpclient.InferRequestedOutput("log_probs")]
+    outputs = [
+        httpclient.InferRequestedOutput("theta", binary_data=False),
+        httpclient.InferRequestedOutput("log_probs"),
+    ]
     result = client.infer("stn", [_infer_input(x, binary=False)], outputs=outputs)
     response = result.get_response()
     assert [o["name"] for o in response["outputs"]] == ["theta", "log_probs"]  # only what was asked, in that order
@@ -138,7 +165,10 @@ def test_tritonclient_infer_on_a_versioned_route_and_a_missing_version(server):
 def test_json_request_with_flat_or_nested_data_gives_the_same_json_outputs(client, session):
     x = _images(2, 3)
     flat = client.post("/v2/models/stn/infer", json=_json_request(x, id="flat-1"))
-    nested = client.post("/v2/models/stn/infer", json={"inputs": [{"name": "image", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": x.tolist()}]})
+    nested = client.post(
+        "/v2/models/stn/infer",
+        json={"inputs": [{"name": "image", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": x.tolist()}]},
+    )
     assert flat.status_code == nested.status_code == 200
     assert flat.headers["content-type"] == "application/json"
     a, b = flat.json(), nested.json()
@@ -156,7 +186,9 @@ def test_binary_request_with_binary_output_flag_per_output(client, session):
     body, json_size = binary_infer_body(x, outputs=["log_probs"])
     r = client.post("/v2/models/stn/infer", content=body, headers={"Inference-Header-Content-Length": str(json_size)})
     assert r.status_code == 200
-    result = httpclient.InferResult.from_response_body(r.content, header_length=int(r.headers["Inference-Header-Content-Length"]))
+    result = httpclient.InferResult.from_response_body(
+        r.content, header_length=int(r.headers["Inference-Header-Content-Length"])
+    )
     assert np.abs(result.as_numpy("log_probs") - session.run(x)["log_probs"]).max() <= 1e-5
 
 
@@ -179,7 +211,9 @@ def test_server_metadata_names_the_binary_tensor_extension(client):
 
 # -- bad input: each a clear 4xx with {"error"}, and the server keeps serving ---------------------------
 def _post_binary(client, body: bytes, json_size: int | str, model: str = "stn"):
-    return client.post(f"/v2/models/{model}/infer", content=body, headers={"Inference-Header-Content-Length": str(json_size)})
+    return client.post(
+        f"/v2/models/{model}/infer", content=body, headers={"Inference-Header-Content-Length": str(json_size)}
+    )
 
 
 def test_truncated_binary_body_is_a_400(client, server, session):
@@ -191,7 +225,18 @@ def test_truncated_binary_body_is_a_400(client, server, session):
 
 def test_binary_data_size_larger_than_the_body_is_a_400(client, server, session):
     x = _images(1, 6)
-    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 3, 32, 32],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
     r = _post_binary(client, header + x.tobytes()[: x.nbytes // 2], len(header))
     assert_json_error(r, 400, "larger than the")
     # and a header length that points past the body
@@ -203,27 +248,48 @@ def test_binary_data_size_larger_than_the_body_is_a_400(client, server, session)
 @pytest.mark.parametrize("datatype", ["FP64", "BYTES", "INT8", "FP99"])
 def test_a_wrong_datatype_is_a_400(client, server, session, datatype):
     x = _images(1, 7)
-    r = client.post("/v2/models/stn/infer", json={"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": datatype, "data": x.ravel().tolist()}]})
+    r = client.post(
+        "/v2/models/stn/infer",
+        json={"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": datatype, "data": x.ravel().tolist()}]},
+    )
     assert_json_error(r, 400, datatype, "FP32")
     _still_serving(server, session)
 
 
 @pytest.mark.parametrize(
     ("shape", "words"),
-    [([3, 32, 32], ["rank 3"]), ([1, 1, 3, 32, 32], ["rank 5"]), ([1, 3, 28, 28], ["does not match"]), ([1, 1, 32, 32], ["does not match"]),
-     ([0, 3, 32, 32], ["at least 1"]), ([1, 3, 32, "32"], ["list of integers"])],
+    [
+        ([3, 32, 32], ["rank 3"]),
+        ([1, 1, 3, 32, 32], ["rank 5"]),
+        ([1, 3, 28, 28], ["does not match"]),
+        ([1, 1, 32, 32], ["does not match"]),
+        ([0, 3, 32, 32], ["at least 1"]),
+        ([1, 3, 32, "32"], ["list of integers"]),
+    ],
     ids=["rank3", "rank5", "wrong-size", "wrong-channels", "empty-batch", "string-dim"],
 )
 def test_a_wrong_shape_or_rank_is_a_400(client, server, session, shape, words):
-    r = client.post("/v2/models/stn/infer", json={"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": [0.0]}]})
+    r = client.post(
+        "/v2/models/stn/infer", json={"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": [0.0]}]}
+    )
     assert_json_error(r, 400, *words)
     _still_serving(server, session)
 
 
 def test_a_billion_element_shape_is_refused_before_any_allocation(client, server, session):
     for shape in ([1_000_000_000, 3, 32, 32], [1, 3, 31_623, 31_623]):
-        header = json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": "FP32",
-                                          "parameters": {"binary_data_size": 4 * int(np.prod(shape, dtype=np.int64))}}]}).encode()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": shape,
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 4 * int(np.prod(shape, dtype=np.int64))},
+                    }
+                ]
+            }
+        ).encode()
         start = time.perf_counter()
         r = _post_binary(client, header + b"\0" * 64, len(header))
         assert time.perf_counter() - start < 2.0
@@ -256,7 +322,9 @@ def test_an_unknown_model_is_a_404(client, server, session):
 @pytest.mark.parametrize("name", ["../x", "..%2Fx", "%2e%2e%2fstn", "..", "stn%00", "..%5cx"])
 def test_path_like_model_names_are_a_404_and_touch_no_file(server, session, name):
     # Raw bytes on the wire: an HTTP client library would normalize the dots away before sending.
-    status, headers, body = raw_http(server.port, f"GET /v2/models/{name}/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    status, headers, body = raw_http(
+        server.port, f"GET /v2/models/{name}/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
     assert status == 404, body
     assert headers["content-type"] == "application/json"
     assert "error" in json.loads(body) and b"Traceback" not in body
@@ -264,7 +332,11 @@ def test_path_like_model_names_are_a_404_and_touch_no_file(server, session, name
 
 
 def test_a_body_over_max_body_mb_is_a_413_whether_declared_or_streamed(client, server, session):
-    huge = b'{"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [' + b"0.0," * 400_000 + b"0.0]}]}"
+    huge = (
+        b'{"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ['
+        + b"0.0," * 400_000
+        + b"0.0]}]}"
+    )
     assert len(huge) > MAX_BODY_MB * (1 << 20)
     assert_json_error(client.post("/v2/models/stn/infer", content=huge), 413, "exceeds the limit")
 
@@ -281,13 +353,38 @@ def test_deeply_nested_or_malformed_json_is_a_400(client, server, session):
     assert_json_error(client.post("/v2/models/stn/infer", content=deep), 400, "malformed JSON")
     assert_json_error(client.post("/v2/models/stn/infer", content=b'{"inputs": [}'), 400, "malformed JSON")
     assert_json_error(client.post("/v2/models/stn/infer", content=b'["not", "an", "object"]'), 400, "JSON object")
-    assert_json_error(client.post("/v2/models/stn/infer", json={"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                                                               "data": [[0.0] * 3] * 1024 + [[0.0]]}]}), 400, "data")
-    assert_json_error(client.post("/v2/models/stn/infer", json={"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                                                               "data": ["a"] * 3072}]}), 400, "strings")
-    assert_json_error(client.post("/v2/models/stn/infer", json={"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [0]}]}),
-                      400, "unknown input 'pixels'")
-    assert_json_error(client.post("/v2/models/stn/infer", json=_json_request(_images(1, 10), outputs=[{"name": "logits"}])), 400, "unknown output")
+    assert_json_error(
+        client.post(
+            "/v2/models/stn/infer",
+            json={
+                "inputs": [
+                    {"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [[0.0] * 3] * 1024 + [[0.0]]}
+                ]
+            },
+        ),
+        400,
+        "data",
+    )
+    assert_json_error(
+        client.post(
+            "/v2/models/stn/infer",
+            json={"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ["a"] * 3072}]},
+        ),
+        400,
+        "strings",
+    )
+    assert_json_error(
+        client.post(
+            "/v2/models/stn/infer", json={"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [0]}]}
+        ),
+        400,
+        "unknown input 'pixels'",
+    )
+    assert_json_error(
+        client.post("/v2/models/stn/infer", json=_json_request(_images(1, 10), outputs=[{"name": "logits"}])),
+        400,
+        "unknown output",
+    )
     _still_serving(server, session)
 
 
@@ -296,7 +393,7 @@ def test_a_slow_loris_client_gets_a_408_while_others_are_served(server, session)
 
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S + 10)
     try:
-        sock.sendall(b"POST /v2/models/stn/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n{\"inputs\"")
+        sock.sendall(b'POST /v2/models/stn/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n{"inputs"')
         start = time.perf_counter()
         served = 0
         while time.perf_counter() - start < TIMEOUT_S / 2:  # meanwhile, others get their answers
@@ -332,12 +429,19 @@ def test_concurrent_requests_of_different_sizes_each_get_exactly_their_own_rows(
             client = httpclient.InferenceServerClient(server.hostport)
             result = client.infer("stn", [_infer_input(x)], request_id=f"r{i}")
             return i, {n: result.as_numpy(n) for n in ("log_probs", "theta")} | {"id": result.get_response()["id"]}
-        r = httpx.post(server.url + "/v2/models/stn/infer", json=_json_request(x, id=f"r{i}", outputs=[{"name": "log_probs"}, {"name": "theta"}]), timeout=30)
+        r = httpx.post(
+            server.url + "/v2/models/stn/infer",
+            json=_json_request(x, id=f"r{i}", outputs=[{"name": "log_probs"}, {"name": "theta"}]),
+            timeout=30,
+        )
         body = r.json()
         out = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in body["outputs"]}
         return i, out | {"id": body["id"]}
 
-    before = _metric(server, "stn_serve_batch_size", "count", model="stn"), _metric(server, "stn_serve_batch_size", "sum", model="stn")
+    before = (
+        _metric(server, "stn_serve_batch_size", "count", model="stn"),
+        _metric(server, "stn_serve_batch_size", "sum", model="stn"),
+    )
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(send, range(len(requests))))
     for i, out in answers:
@@ -369,7 +473,9 @@ def test_classify_raw_bytes_and_multipart_answer_what_the_session_says(client, s
     np.testing.assert_allclose(np.asarray(body["theta"]), reference["theta"][0], atol=1e-5)
     assert "images" not in body
 
-    multi = client.post("/v2/models/stn/classify?top_k=3&images=1", files={"image": ("digit.png", png.read_bytes(), "image/png")})
+    multi = client.post(
+        "/v2/models/stn/classify?top_k=3&images=1", files={"image": ("digit.png", png.read_bytes(), "image/png")}
+    )
     assert multi.status_code == 200, multi.text
     mbody = multi.json()
     assert mbody["label"] == expected and len(mbody["top_k"]) == 3
@@ -386,9 +492,17 @@ def test_classify_without_warped_output_says_why(client, tmp_path):
 
 
 def test_classify_bad_images_are_400s_naming_the_upload(client, server, session, tmp_path):
-    assert_json_error(client.post("/v2/models/stn/classify", content=b"not an image at all"), 400, "upload", "not an image")
+    assert_json_error(
+        client.post("/v2/models/stn/classify", content=b"not an image at all"), 400, "upload", "not an image"
+    )
     assert_json_error(client.post("/v2/models/stn/classify", content=b""), 400, "empty body")
-    assert_json_error(client.post("/v2/models/stn/classify", files={"image": ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "image/png")}), 400, "bad.png")
+    assert_json_error(
+        client.post(
+            "/v2/models/stn/classify", files={"image": ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "image/png")}
+        ),
+        400,
+        "bad.png",
+    )
     assert_json_error(client.post("/v2/models/stn/classify", files={"note": (None, "text only")}), 400, "no file")
     assert_json_error(client.post("/v2/models/stn/classify?top_k=0", content=b"x"), 400, "top_k")
     _still_serving(server, session)
@@ -426,7 +540,9 @@ def test_metrics_count_requests_errors_latency_batches_and_queue(client, server)
         assert client.post("/v2/models/stn/infer", json=_json_request(_images(2, 12))).status_code == 200
     client.post("/v2/models/missing/infer", json={})
     assert _metric(server, "stn_serve_requests", "total", model="stn", endpoint="infer", code="200") == before_ok + 3
-    assert _metric(server, "stn_serve_request_errors", "total", model="", endpoint="infer", code="404") == before_err + 1
+    assert (
+        _metric(server, "stn_serve_request_errors", "total", model="", endpoint="infer", code="404") == before_err + 1
+    )
     assert _metric(server, "stn_serve_request_duration_seconds", "count", model="stn", endpoint="infer") >= 3
     assert _metric(server, "stn_serve_batch_size", "count", model="stn") >= 1
     assert _metric(server, "stn_serve_images", "total", model="stn") >= 6
@@ -457,8 +573,19 @@ def test_every_request_writes_one_access_log_line(client, server):
 @pytest.fixture(scope="module")
 def slow_server(served_model):
     """A server whose batches wait 1.5 s for company, with room for 2 waiting requests and a 0.8 s timeout."""
-    proc = ServerProcess(served_model, "--max-queue", "2", "--max-queue-delay-ms", "1500", "--max-batch-size", "8",
-                         "--request-timeout-s", "0.8", "--name", "slow")
+    proc = ServerProcess(
+        served_model,
+        "--max-queue",
+        "2",
+        "--max-queue-delay-ms",
+        "1500",
+        "--max-batch-size",
+        "8",
+        "--request-timeout-s",
+        "0.8",
+        "--name",
+        "slow",
+    )
     yield proc
     assert proc.stop(signal.SIGINT) == 0  # Ctrl-C is a graceful stop too
 
@@ -467,7 +594,9 @@ def test_a_full_queue_is_a_503_with_retry_after_at_once(slow_server):
     x = _images(1, 13)
     body = _json_request(x)
     with ThreadPoolExecutor(2) as pool:
-        waiting = [pool.submit(httpx.post, slow_server.url + "/v2/models/slow/infer", json=body, timeout=10) for _ in range(2)]
+        waiting = [
+            pool.submit(httpx.post, slow_server.url + "/v2/models/slow/infer", json=body, timeout=10) for _ in range(2)
+        ]
         deadline = time.monotonic() + 5
         while _metric(slow_server, "stn_serve_queue_depth", model="slow") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -8,10 +8,13 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+
 from helpers import assert_cli_error
 from serve_support import export_served_model
 
-main = pytest.importorskip("stn_deploy.serve.cli", reason="stn-serve needs the serve extra (pip install -e '.[serve]')").main
+main = pytest.importorskip(
+    "stn_deploy.serve.cli", reason="stn-serve needs the serve extra (pip install -e '.[serve]')"
+).main
 
 
 def _invoke(*args: str):
@@ -21,7 +24,14 @@ def _invoke(*args: str):
 def test_help_lists_the_endpoints_and_the_exit_codes():
     result = _invoke("--help")
     assert result.exit_code == 0
-    for text in ("/v2/models/NAME/infer", "/classify", "/metrics", "--max-queue-delay-ms", "--request-timeout-s", "Exit status"):
+    for text in (
+        "/v2/models/NAME/infer",
+        "/classify",
+        "/metrics",
+        "--max-queue-delay-ms",
+        "--request-timeout-s",
+        "Exit status",
+    ):
         assert text in result.output
 
 
@@ -56,7 +66,8 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path_factory, checkpoint_path):
 def test_the_server_imports_no_torch_and_no_training_or_export_code():
     code = (
         "import sys, stn_deploy.serve.cli, stn_deploy.serve.app\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'stn_deploy.train', 'stn_deploy.export')))\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'stn_deploy.train', "
+        "'stn_deploy.export')))\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
@@ -64,7 +75,9 @@ def test_the_server_imports_no_torch_and_no_training_or_export_code():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # newer Starlette prefers httpx2; httpx works
+@pytest.mark.filterwarnings(
+    "ignore:Using `httpx` with `starlette.testclient`"
+)  # newer Starlette prefers httpx2; httpx works
 def test_ready_turns_false_when_a_shutdown_begins(tmp_path_factory, checkpoint_path):
     from starlette.testclient import TestClient
 

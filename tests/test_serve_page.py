@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_support import REPO, ServerProcess, digit_png, plain_model
 
+from serve_support import REPO, ServerProcess, digit_png, plain_model
 from stn_deploy.images import decode
 from stn_deploy.runtime import Session
 
@@ -19,8 +19,15 @@ pytest.importorskip("uvicorn", reason="stn-serve needs the serve extra")
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a browser in a sandboxless container with no network: no GPU, no background traffic.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOT = REPO / "benchmarks" / "results" / "serve_page.png"
 
 
@@ -80,12 +87,15 @@ def test_the_page_classifies_an_uploaded_digit_and_shows_the_warp_and_theta(serv
     assert page.eval_on_selector("#input", "img => img.naturalWidth") == 32
     assert page.eval_on_selector("#warped", "img => img.naturalWidth") == 32
     assert page.is_hidden("#warped-note")
-    shown = [page.evaluate(f"""() => {{
+    shown = [
+        page.evaluate(f"""() => {{
         const img = document.getElementById('{name}'), c = document.createElement('canvas');
         c.width = img.naturalWidth; c.height = img.naturalHeight;
         const g = c.getContext('2d'); g.drawImage(img, 0, 0);
         return Array.from(g.getImageData(0, 0, c.width, c.height).data);
-    }}""") for name in ("input", "warped")]
+    }}""")
+        for name in ("input", "warped")
+    ]
     assert shown[0] != shown[1]  # the page shows the transformer's output, not the input twice
     theta = [[float(td) for td in row.locator("td").all_text_contents()] for row in page.locator("#theta tr").all()]
     np.testing.assert_allclose(theta, reference["theta"][0], atol=1e-4)

@@ -31,8 +31,12 @@ SIG = ModelSignature(
 
 
 def _binary(x: np.ndarray, **header) -> tuple[bytes, int]:
-    request = {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
-                           "parameters": {"binary_data_size": x.nbytes}}], **header}
+    request = {
+        "inputs": [
+            {"name": "image", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+        ],
+        **header,
+    }
     text = json.dumps(request).encode()
     return text + x.astype("<f4").tobytes(), len(text)
 
@@ -46,10 +50,18 @@ def _error(body: bytes, header_length: int | None = None) -> RequestError:
 
 def test_flat_nested_and_binary_data_parse_to_the_same_batch():
     x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4) / 7
-    flat = json.dumps({"inputs": [{"name": "image", "shape": [2, 3, 4, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
-    nested = json.dumps({"inputs": [{"name": "image", "shape": [2, 3, 4, 4], "datatype": "FP32", "data": x.tolist()}]}).encode()
+    flat = json.dumps(
+        {"inputs": [{"name": "image", "shape": [2, 3, 4, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    ).encode()
+    nested = json.dumps(
+        {"inputs": [{"name": "image", "shape": [2, 3, 4, 4], "datatype": "FP32", "data": x.tolist()}]}
+    ).encode()
     body, n = _binary(x, id="a")
-    for parsed in (parse_infer_request(flat, None, SIG), parse_infer_request(nested, None, SIG), parse_infer_request(body, n, SIG)):
+    for parsed in (
+        parse_infer_request(flat, None, SIG),
+        parse_infer_request(nested, None, SIG),
+        parse_infer_request(body, n, SIG),
+    ):
         assert parsed.inputs.dtype == np.float32
         np.testing.assert_array_equal(parsed.inputs, x)
     assert parse_infer_request(body, n, SIG).id == "a"
@@ -58,8 +70,13 @@ def test_flat_nested_and_binary_data_parse_to_the_same_batch():
 def test_outputs_default_to_all_and_binary_follows_binary_data_output_unless_overridden():
     x = np.zeros((1, 3, 4, 4), np.float32)
     body, n = _binary(x, parameters={"binary_data_output": True})
-    assert [(o.name, o.binary) for o in parse_infer_request(body, n, SIG).outputs] == [("log_probs", True), ("theta", True)]
-    body, n = _binary(x, parameters={"binary_data_output": True}, outputs=[{"name": "theta", "parameters": {"binary_data": False}}])
+    assert [(o.name, o.binary) for o in parse_infer_request(body, n, SIG).outputs] == [
+        ("log_probs", True),
+        ("theta", True),
+    ]
+    body, n = _binary(
+        x, parameters={"binary_data_output": True}, outputs=[{"name": "theta", "parameters": {"binary_data": False}}]
+    )
     assert [(o.name, o.binary) for o in parse_infer_request(body, n, SIG).outputs] == [("theta", False)]
     body, n = _binary(x)
     assert [o.binary for o in parse_infer_request(body, n, SIG).outputs] == [False, False]
@@ -101,9 +118,17 @@ def test_binary_body_errors_name_the_sizes():
     body, n = _binary(x)
     assert "larger than the 284 bytes" in _error(body[:-100], n).message
     assert "not claimed" in _error(body + b"\0" * 4, n).message
-    assert "malformed JSON" in _error(body, None).message  # binary bytes after the JSON, and no header to say where it ends
+    assert (
+        "malformed JSON" in _error(body, None).message
+    )  # binary bytes after the JSON, and no header to say where it ends
     assert "needs the Inference-Header-Content-Length" in _error(body[:n], None).message
-    header = json.dumps({"inputs": [{"name": "image", "shape": [2, 3, 4, 4], "datatype": "FP32", "parameters": {"binary_data_size": 12}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "shape": [2, 3, 4, 4], "datatype": "FP32", "parameters": {"binary_data_size": 12}}
+            ]
+        }
+    ).encode()
     assert "does not match shape" in _error(header + b"\0" * 12, len(header)).message
     nan = x.copy()
     nan[0, 0, 0, 0] = np.nan
@@ -129,9 +154,14 @@ def test_malformed_and_deeply_nested_json_are_400s():
 def test_a_binary_response_reads_back_through_tritonclient():
     infer_result = pytest.importorskip("tritonclient.http", reason="tritonclient is a dev dependency").InferResult
     x = np.zeros((1, 3, 4, 4), np.float32)
-    body, n = _binary(x, id="q", outputs=[{"name": "log_probs", "parameters": {"binary_data": True}}, {"name": "theta"}])
+    body, n = _binary(
+        x, id="q", outputs=[{"name": "log_probs", "parameters": {"binary_data": True}}, {"name": "theta"}]
+    )
     request = parse_infer_request(body, n, SIG)
-    arrays = {"log_probs": np.linspace(-3, 0, 10, dtype=np.float32)[None], "theta": np.eye(2, 3, dtype=np.float32)[None]}
+    arrays = {
+        "log_probs": np.linspace(-3, 0, 10, dtype=np.float32)[None],
+        "theta": np.eye(2, 3, dtype=np.float32)[None],
+    }
     content, header_length = build_infer_response("stn", request.id, request.outputs, arrays)
     assert header_length is not None
     result = infer_result.from_response_body(content, header_length=header_length)
@@ -165,7 +195,9 @@ def test_requests_of_different_sizes_share_batches_and_get_their_own_rows():
     model = Recorder(delay=0.005)
 
     async def main():
-        batcher = DynamicBatcher(model, output_order=["sum", "double"], max_batch_size=16, max_queue_delay_s=0.01, max_queue=100)
+        batcher = DynamicBatcher(
+            model, output_order=["sum", "double"], max_batch_size=16, max_queue_delay_s=0.01, max_queue=100
+        )
         batcher.start(asyncio.get_running_loop())
         rng = np.random.default_rng(0)
         inputs = [rng.normal(size=(int(rng.integers(1, 6)), 2)).astype(np.float32) for _ in range(60)]

@@ -129,8 +129,21 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, shapes):
 
 def test_visualize_flag_writes_the_warp_figure(tmp_path, shapes):
     out, png = tmp_path / "model.pt", tmp_path / "warps.png"
-    result = _run(["--dataset", shapes, "--epochs", "1", "--batch-size", "16", "--output", str(out),
-                   "--visualize", str(png), "--json"])
+    result = _run(
+        [
+            "--dataset",
+            shapes,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--output",
+            str(out),
+            "--visualize",
+            str(png),
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["visualization"] == str(png)
     with Image.open(png) as im:
@@ -139,10 +152,10 @@ def test_visualize_flag_writes_the_warp_figure(tmp_path, shapes):
 
 def test_digits_checkpoint_visualization(tmp_path, monkeypatch):
     """The figure for a digits model: test images through the model's own transform()."""
-    from stn_deploy.train.checkpoint import Checkpoint, save_checkpoint
-    from stn_deploy.train.model import build_model
     from stn_deploy.train import visualization
+    from stn_deploy.train.checkpoint import Checkpoint, save_checkpoint
     from stn_deploy.train.data import load_dataset
+    from stn_deploy.train.model import build_model
 
     drawn = []
     real_save = visualization.save_warp_grid
@@ -185,9 +198,10 @@ def test_bad_resume_file_is_a_one_line_error(tmp_path):
 def test_unusable_output_paths_fail_before_training(tmp_path, shapes):
     (tmp_path / "a_file").write_text("x")
     base = ["--dataset", shapes, "--epochs", "1", "--batch-size", "16"]
-    for extra, bad in ((["--output", str(tmp_path / "a_file" / "m.pt")], tmp_path / "a_file"),
-                       (["--output", str(tmp_path / "m.pt"), "--visualize", str(tmp_path / "a_file" / "w.png")],
-                        tmp_path / "a_file")):
+    for extra, bad in (
+        (["--output", str(tmp_path / "a_file" / "m.pt")], tmp_path / "a_file"),
+        (["--output", str(tmp_path / "m.pt"), "--visualize", str(tmp_path / "a_file" / "w.png")], tmp_path / "a_file"),
+    ):
         result = _run([*base, *extra])
         assert result.exit_code == 1
         assert result.stderr.strip().splitlines() == [f"Error: {bad}: a part of this path is a file, not a directory"]
@@ -206,8 +220,22 @@ def test_missing_dataset_is_a_one_line_error(tmp_path):
 def test_help_lists_the_flags():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for flag in ("--dataset", "--epochs", "--batch-size", "--lr", "--optimizer", "--seed", "--device", "--arch",
-                 "--output", "--resume", "--json", "--visualize", "--data-dir", "--download"):
+    for flag in (
+        "--dataset",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--seed",
+        "--device",
+        "--arch",
+        "--output",
+        "--resume",
+        "--json",
+        "--visualize",
+        "--data-dir",
+        "--download",
+    ):
         assert flag in result.output
 
 

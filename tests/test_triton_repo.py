@@ -10,13 +10,13 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
+
 from helpers import assert_cli_error
 from serve_support import export_served_model
-from stn_deploy.export.triton_repo import TritonRepoError, write_triton_repo
-from stn_deploy.export.triton_repo import main as repo_main
-
 from stn_deploy import metadata as md
 from stn_deploy.errors import ModelFileError
+from stn_deploy.export.triton_repo import TritonRepoError, write_triton_repo
+from stn_deploy.export.triton_repo import main as repo_main
 
 text_format = pytest.importorskip("google.protobuf.text_format")
 MODULE = "tritonclient.grpc.model_config_pb2"
@@ -54,7 +54,11 @@ def test_the_repository_config_parses_as_tritons_model_config(served_model, tmp_
     assert config.name == "digits" and config.backend == "onnxruntime"
     assert config.max_batch_size == 48
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", pb.TYPE_FP32, [3, 32, 32])]
-    assert [(o.name, list(o.dims)) for o in config.output] == [("log_probs", [10]), ("theta", [2, 3]), ("warped", [3, 32, 32])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("log_probs", [10]),
+        ("theta", [2, 3]),
+        ("warped", [3, 32, 32]),
+    ]
     assert config.output[0].label_filename == "labels.txt"
     assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 1000
     assert list(config.dynamic_batching.preferred_batch_size) == []
@@ -66,7 +70,9 @@ def test_the_repository_config_parses_as_tritons_model_config(served_model, tmp_
 
     model = onnx.load(str(served_model))
     props = {p.key: p.value for p in model.metadata_props}
-    assert {k: v.string_value for k, v in config.parameters.items()} == {k: v for k, v in props.items() if k.startswith("stn_deploy.")}
+    assert {k: v.string_value for k, v in config.parameters.items()} == {
+        k: v for k, v in props.items() if k.startswith("stn_deploy.")
+    }
     assert (directory / "1" / "model.onnx").read_bytes() == served_model.read_bytes()
     assert (directory / "labels.txt").read_text().splitlines() == json.loads(props[md.CLASS_NAMES])
 
@@ -90,8 +96,20 @@ def test_stn_export_triton_repo_for_the_cuda_target_writes_a_tensorrt_block(chec
 
     out = tmp_path / "stn.cuda.onnx"
     result = CliRunner().invoke(
-        export_main, [str(checkpoint_path), "-o", str(out), "--target", "cuda", "--parity-samples", "8", "-q", "--json",
-                      "--triton-repo", str(tmp_path / "models")],
+        export_main,
+        [
+            str(checkpoint_path),
+            "-o",
+            str(out),
+            "--target",
+            "cuda",
+            "--parity-samples",
+            "8",
+            "-q",
+            "--json",
+            "--triton-repo",
+            str(tmp_path / "models"),
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

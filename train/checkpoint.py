@@ -143,9 +143,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: malformed checkpoint (state_dict is not a mapping of tensors)")
     if len(class_names) != config.num_classes:
-        raise CheckpointError(
-            f"{path}: {len(class_names)} class names for a {config.num_classes}-class model"
-        )
+        raise CheckpointError(f"{path}: {len(class_names)} class names for a {config.num_classes}-class model")
     return Checkpoint(
         config=config,
         state_dict=state_dict,

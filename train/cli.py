@@ -15,33 +15,71 @@ DEFAULTS = TrainConfig()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--dataset", default=DEFAULTS.dataset, metavar="NAME",
-              help="digits (offline), cifar10, mnist, or imagefolder:PATH (one sub-folder per class).")
-@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs,
-              help="Total epochs. With --resume: the new total; without it, the interrupted run's.")
+@click.option(
+    "--dataset",
+    default=DEFAULTS.dataset,
+    metavar="NAME",
+    help="digits (offline), cifar10, mnist, or imagefolder:PATH (one sub-folder per class).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.epochs,
+    help="Total epochs. With --resume: the new total; without it, the interrupted run's.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr,
-              help="Peak learning rate of the one-cycle schedule (warm-up, then cosine decay).")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULTS.lr,
+    help="Peak learning rate of the one-cycle schedule (warm-up, then cosine decay).",
+)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer)
-@click.option("--seed", type=int, default=DEFAULTS.seed, help="Fixes initialisation, shuffling, dropout and distortions.")
+@click.option(
+    "--seed", type=int, default=DEFAULTS.seed, help="Fixes initialisation, shuffling, dropout and distortions."
+)
 @click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device, help="auto: cuda when available.")
-@click.option("--arch", type=click.Choice(["stn", "cnn"]), default=DEFAULTS.arch,
-              help="stn, or cnn: the same classifier without the spatial transformer (ablation).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULTS.output,
-              help="Checkpoint to write (the best epoch by test accuracy; rewritten atomically each epoch).")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Continue the run recorded in this checkpoint (its recipe is reused; writes back to it "
-                   "unless --output is given).")
+@click.option(
+    "--arch",
+    type=click.Choice(["stn", "cnn"]),
+    default=DEFAULTS.arch,
+    help="stn, or cnn: the same classifier without the spatial transformer (ablation).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULTS.output,
+    help="Checkpoint to write (the best epoch by test accuracy; rewritten atomically each epoch).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Continue the run recorded in this checkpoint (its recipe is reused; writes back to it "
+    "unless --output is given).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("--visualize", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",
-              help="Write test images beside their STN-warped versions to this PNG.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where cifar10/mnist live or are downloaded to [default: ./data].")
+@click.option(
+    "--visualize",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="PNG",
+    help="Write test images beside their STN-warped versions to this PNG.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where cifar10/mnist live or are downloaded to [default: ./data].",
+)
 @click.option("--download", is_flag=True, help="Download cifar10/mnist if missing.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch on stderr.")
 @click.pass_context
 @report_errors
-def main(ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path | None, progress: bool, **options) -> None:
+def main(
+    ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path | None, progress: bool, **options
+) -> None:
     """Train an STN image classifier and write the best checkpoint.
 
     \b
@@ -62,11 +100,15 @@ def main(ctx: click.Context, resume: Path | None, as_json: bool, visualize: Path
     if resume is not None:
         recorded = state["recipe"]
         given = {
-            name for name in TrainConfig.RECIPE
+            name
+            for name in TrainConfig.RECIPE
             if name in ctx.params and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
         }
-        clashes = [f"--{n.replace('_', '-')} {getattr(config, n)} (recorded: {recorded[n]})"
-                   for n in sorted(given) if n in recorded and recorded[n] != getattr(config, n)]
+        clashes = [
+            f"--{n.replace('_', '-')} {getattr(config, n)} (recorded: {recorded[n]})"
+            for n in sorted(given)
+            if n in recorded and recorded[n] != getattr(config, n)
+        ]
         if clashes:
             raise TrainError(f"{resume}: cannot resume with a different recipe: {'; '.join(clashes)}")
 

@@ -152,7 +152,9 @@ def load_image_samples(
 def _load_directory(root: Path, preprocessing: Preprocessing, n: int, class_names: list[str] | None) -> Samples:
     files = find_images(root).files
     index = {name: i for i, name in enumerate(class_names or [])}
-    labelled = bool(index) and all(f.relative_to(root).parts[0] in index for f in files if len(f.relative_to(root).parts) > 1)
+    labelled = bool(index) and all(
+        f.relative_to(root).parts[0] in index for f in files if len(f.relative_to(root).parts) > 1
+    )
     labelled = labelled and all(len(f.relative_to(root).parts) > 1 for f in files)
     if len(files) > n:  # an even spread over the (sorted) files, so every class folder contributes
         files = [files[int(i)] for i in np.linspace(0, len(files) - 1, n)]
@@ -247,7 +249,9 @@ def render_digits(
     return rgb.clamp_(0, 1)
 
 
-def _place(glyphs: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor, size: int) -> torch.Tensor:
+def _place(
+    glyphs: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor, size: int
+) -> torch.Tensor:
     """Warp glyphs [N,1,h,w] onto [N,1,size,size] canvases: rotate by angle, scale by zoom, move by shift."""
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # inverse map p -> A⁻¹(p - t) with A = zoom·R(angle): A⁻¹ = R(-angle)/zoom
@@ -355,8 +359,12 @@ def _load_digits(split: str, seed: int) -> LoadedDataset:
         data = DigitsDataset(images[train_idx], labels[train_idx], preprocessing, seed=seed, fixed=False)
     else:
         data = DigitsDataset(
-            images[test_idx], labels[test_idx], preprocessing,
-            seed=DIGITS_TEST_SEED, fixed=True, copies=DIGITS_TEST_COPIES,
+            images[test_idx],
+            labels[test_idx],
+            preprocessing,
+            seed=DIGITS_TEST_SEED,
+            fixed=True,
+            copies=DIGITS_TEST_COPIES,
         )
     return LoadedDataset("digits", split, data, list(DIGITS_CLASSES), preprocessing)
 

@@ -83,8 +83,11 @@ class STNConfig:
         fields.integer(self.image_size, "image_size", low=1, high=MAX_IMAGE_SIZE)
         for name in ("conv_channels", "loc_channels", "loc_kernels"):
             values = fields.sequence(getattr(self, name), name, length=2)
-            object.__setattr__(self, name, tuple(fields.integer(v, f"{name}[{i}]", low=1, high=MAX_WIDTH)
-                                                 for i, v in enumerate(values)))
+            object.__setattr__(
+                self,
+                name,
+                tuple(fields.integer(v, f"{name}[{i}]", low=1, high=MAX_WIDTH) for i, v in enumerate(values)),
+            )
         fields.real(self.dropout, "dropout", low=0.0, high=1.0)
         if not isinstance(self.align_corners, bool):
             raise ValueError(f"align_corners must be true or false, got {shorten(self.align_corners)}")

@@ -19,8 +19,9 @@ from stn_deploy.fileio import atomic_path
 from .data import load_dataset
 
 
-def write_samples(dataset: str, out_dir: Path, count: int, *, split: str = "test", data_dir: Path | None = None,
-                  progress: bool = True) -> list[Path]:
+def write_samples(
+    dataset: str, out_dir: Path, count: int, *, split: str = "test", data_dir: Path | None = None, progress: bool = True
+) -> list[Path]:
     """Write the first ``count`` images of ``split`` as PNGs under ``out_dir/<class>/``."""
     loaded = load_dataset(dataset, split, data_dir=data_dir)
     pre = loaded.preprocessing

@@ -63,8 +63,18 @@ class TrainConfig:
     download: bool = False
 
     # Fields that define the run; a resumed run must keep them (epochs may grow).
-    RECIPE = ("dataset", "arch", "batch_size", "lr", "optimizer", "warmup", "loc_lr_scale", "clip_grad",
-              "label_smoothing", "seed")
+    RECIPE = (
+        "dataset",
+        "arch",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "warmup",
+        "loc_lr_scale",
+        "clip_grad",
+        "label_smoothing",
+        "seed",
+    )
 
     def recipe(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.RECIPE}
@@ -184,11 +194,14 @@ def train(
     torch.manual_seed(config.seed)
 
     # -- data --------------------------------------------------------------------------------
-    train_data = load_dataset(config.dataset, "train", data_dir=config.data_dir, download=config.download, seed=config.seed)
+    train_data = load_dataset(
+        config.dataset, "train", data_dir=config.data_dir, download=config.download, seed=config.seed
+    )
     test_data = load_dataset(config.dataset, "test", data_dir=config.data_dir, download=False, seed=config.seed)
     loader_generator = torch.Generator()
-    train_loader = DataLoader(train_data.dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                              generator=loader_generator)
+    train_loader = DataLoader(
+        train_data.dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=loader_generator
+    )
     if len(train_loader) == 0:
         raise TrainError(
             f"{config.dataset}: {len(train_data)} training images is fewer than one batch of {config.batch_size}"
@@ -222,7 +235,9 @@ def train(
         seconds = state["seconds"]
         history = [EpochStats(**h) for h in state["history"]]
         if start_epoch >= config.epochs:
-            raise TrainError(f"{resume}: already trained {start_epoch} epochs; pass --epochs N > {start_epoch} to continue")
+            raise TrainError(
+                f"{resume}: already trained {start_epoch} epochs; pass --epochs N > {start_epoch} to continue"
+            )
 
     total_steps = config.epochs * len(train_loader)
     log(
@@ -265,7 +280,9 @@ def train(
 
         test_loss, test_accuracy = evaluate(model, test_loader, device)
         seconds += time.perf_counter() - t0
-        stats = EpochStats(epoch + 1, loss_sum / max(batches, 1), test_loss, test_accuracy, lr, round(time.perf_counter() - t0, 2))
+        stats = EpochStats(
+            epoch + 1, loss_sum / max(batches, 1), test_loss, test_accuracy, lr, round(time.perf_counter() - t0, 2)
+        )
         history.append(stats)
         improved = test_accuracy > best_accuracy
         if improved:
@@ -331,8 +348,18 @@ def read_resume_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The training state stored in a checkpoint written by :func:`train`."""
     ckpt = load_checkpoint(path)  # CheckpointError (one line) for anything that is not one
     state = ckpt.train_state
-    needed = ("epoch", "recipe", "model_config", "optimizer", "last_state_dict", "best_state_dict",
-              "best_accuracy", "best_epoch", "seconds", "history")
+    needed = (
+        "epoch",
+        "recipe",
+        "model_config",
+        "optimizer",
+        "last_state_dict",
+        "best_state_dict",
+        "best_accuracy",
+        "best_epoch",
+        "seconds",
+        "history",
+    )
     missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(f"{path}: cannot resume, the checkpoint has no training state ({', '.join(missing)})")
@@ -411,6 +438,8 @@ def _check_resume_state(state: dict[str, Any]) -> None:
                     raise ValueError(
                         f"optimizer {buffer} of shape {shape} for a parameter of shape {list(param.shape)}"
                     )
+
+
 # -- end hardening
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
 from stn_deploy.errors import DatasetError
 from stn_deploy.visualize import save_warp_grid
 
+from .checkpoint import load_checkpoint
 from .data import load_samples
 
 

@@ -124,8 +124,13 @@ def run_benchmark(
     largest = np.ascontiguousarray(inputs[: max(batch_sizes)])
     outputs: dict[str, np.ndarray] = {}
     pending = [b for b in backends if b.status == "pending"]
-    bar = tqdm(total=len(pending) * (1 + len(batch_sizes)), desc="stn-bench", unit="step", disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(pending) * (1 + len(batch_sizes)),
+        desc="stn-bench",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+    )
     classes: int | None = None
     for b in pending:
         bar.set_postfix_str(f"load {b.runner.name}")

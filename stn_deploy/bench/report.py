@@ -38,8 +38,15 @@ def machine_info(threads: int) -> dict[str, Any]:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    return {"cpu": cpu, "isa": isa, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "threads": threads,
-            "gpus": _gpus(), "versions": versions}
+    return {
+        "cpu": cpu,
+        "isa": isa,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "threads": threads,
+        "gpus": _gpus(),
+        "versions": versions,
+    }
 
 
 def _gpus() -> list[str]:
@@ -48,8 +55,13 @@ def _gpus() -> list[str]:
     if smi is None:
         return []
     try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
@@ -58,10 +70,14 @@ def _gpus() -> list[str]:
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"stn-bench: {report['model']}  threads={report['threads']}  "
-        + (f"streams=1 and {report['streams']}  " if isinstance(report.get("streams"), int) and report["streams"] > 1
-           else f"streams={report.get('streams', 1)}  ")
+        + (
+            f"streams=1 and {report['streams']}  "
+            if isinstance(report.get("streams"), int) and report["streams"] > 1
+            else f"streams={report.get('streams', 1)}  "
+        )
         + f"inputs={report['inputs']}  "
-        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} ms settle, "
+        f"iterations={report['iterations']} (x{report['rounds']} rounds interleaved, {report.get('settle_ms', 0):g} "
+        "ms settle, "
         f"{report.get('rewarm_ms', 0):g} ms re-warm)",
         f"machine: {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical CPUs, "
         f"{'/'.join(report['machine']['isa']) or 'no AVX2'})"

@@ -48,12 +48,17 @@ class Runner(ABC):
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most runners hold nothing to release; the ones that do override it
         """Release what ``load`` took (sessions, threads)."""
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision,
-                **self.info}
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "device": self.device,
+            "precision": self.precision,
+            **self.info,
+        }
 
 
 def _missing(path: Path | None, flag: str) -> None:
@@ -104,8 +109,17 @@ class OrtRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(
-        self, model: Path | None, provider: str, precision: str, threads: int, *, trt_fp16: bool = False,
-        max_batch: int = 256, streams: int | str = "auto", missing: str = "--model", cuda_tf32: bool = False,
+        self,
+        model: Path | None,
+        provider: str,
+        precision: str,
+        threads: int,
+        *,
+        trt_fp16: bool = False,
+        max_batch: int = 256,
+        streams: int | str = "auto",
+        missing: str = "--model",
+        cuda_tf32: bool = False,
     ) -> None:
         super().__init__(threads)
         self.model, self.provider, self.trt_fp16 = model, provider, trt_fp16
@@ -125,17 +139,29 @@ class OrtRunner(Runner):
         wanted = PROVIDER_NAMES[self.provider]
         if wanted not in available_providers():
             raise BackendUnavailable(f"onnxruntime build has no {wanted} (install stn-deploy[gpu] on a CUDA machine)")
-        config = ProviderConfig(trt_fp16=self.trt_fp16, cuda_tf32=self.cuda_tf32,
-                                trt_max_batch=self.max_batch if self.provider == "tensorrt" else None)
+        config = ProviderConfig(
+            trt_fp16=self.trt_fp16,
+            cuda_tf32=self.cuda_tf32,
+            trt_max_batch=self.max_batch if self.provider == "tensorrt" else None,
+        )
         try:
             self.session = Session(
-                self.model, provider=self.provider, provider_config=config, threads=self.threads,
-                record_placement=self.provider != "cpu", warmup=1, streams=self.streams,
+                self.model,
+                provider=self.provider,
+                provider_config=config,
+                threads=self.threads,
+                record_placement=self.provider != "cpu",
+                warmup=1,
+                streams=self.streams,
             )
         except ProviderError as exc:
             raise BackendUnavailable(str(exc)) from None
-        self.info = {"model": str(self.model), "providers": self.session.providers,
-                     "streams": self.streams, "io_binding": self.session.io_binding}
+        self.info = {
+            "model": str(self.model),
+            "providers": self.session.providers,
+            "streams": self.streams,
+            "io_binding": self.session.io_binding,
+        }
         if self.provider != "cpu":
             self.info["nodes_on_cpu"] = len(self.session.placement().cpu_fallback)
             if self.session.device_check is not None:
@@ -165,8 +191,16 @@ class OpenVinoRunner(Runner):
 
     backend = "openvino"
 
-    def __init__(self, model: Path | None, hint: str | None, precision: str, threads: int, *, streams: int = 1,
-                 missing: str = "--model") -> None:
+    def __init__(
+        self,
+        model: Path | None,
+        hint: str | None,
+        precision: str,
+        threads: int,
+        *,
+        streams: int = 1,
+        missing: str = "--model",
+    ) -> None:
         super().__init__(threads)
         self.model, self.hint, self.precision, self.streams, self.missing = model, hint, precision, streams, missing
         self.name = f"openvino-cpu-{precision}" + streams_suffix(streams)
@@ -193,9 +227,11 @@ class OpenVinoRunner(Runner):
             ) in ("u8", "i8"):
                 low += 1
         self.info = {
-            "model": str(self.model), "openvino": ov.__version__,
+            "model": str(self.model),
+            "openvino": ov.__version__,
             "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
-            "int8_conv_fc_layers": low, "streams": self.streams,
+            "int8_conv_fc_layers": low,
+            "streams": self.streams,
         }
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -8,4 +8,12 @@
 from .pipeline import InferSummary, iter_decoded, run_inference
 from .rows import OUTPUT_FORMATS, Prediction, RowWriter, predictions_for
 
-__all__ = ["OUTPUT_FORMATS", "InferSummary", "Prediction", "RowWriter", "iter_decoded", "predictions_for", "run_inference"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "InferSummary",
+    "Prediction",
+    "RowWriter",
+    "iter_decoded",
+    "predictions_for",
+    "run_inference",
+]

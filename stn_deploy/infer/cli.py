@@ -15,7 +15,6 @@ from PIL import Image
 
 from stn_deploy import metadata as md
 from stn_deploy.console import STREAMS, report_errors, to_json
-from stn_deploy.errors import StnDeployError
 from stn_deploy.decode_pool import POOLS, prestart_processes
 from stn_deploy.decoders import AUTO_MODES, DECODE_MODES, DecodeSpec
 from stn_deploy.image_walk import walk_images
@@ -47,8 +46,9 @@ a carriage return) or that starts with an apostrophe gets a leading apostrophe; 
 Bad files (corrupt, truncated, empty, not an image, over --max-pixels) get a row with the error
 and the run goes on; so do the files of a batch ONNX Runtime cannot run, and a --visualize
 picture that cannot be written. Symbolic links to directories are not followed (the summary
-counts them). --output may not be the model or an image the run reads. A summary line (ok/failed counts, images/s) goes to stderr; --json also
-prints the summary as JSON on stdout (then --output must be a file).
+counts them). --output may not be the model or an image the run reads. A summary line
+(ok/failed counts, images/s) goes to stderr; --json also prints the summary as JSON on stdout
+(then --output must be a file).
 
 \b
 Decoding (--decode): 'exact' decodes every file at full size, as training does. 'fast' decodes a
@@ -78,51 +78,167 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("images", type=click.Path(path_type=str))
-@click.option("--model", "-m", "model_path", required=True, type=click.Path(path_type=Path), help="ONNX model written by stn-export.")
-@click.option("--output", "-o", default="-", show_default=True,
-              help="Predictions file (.csv or .jsonl; --engine ray also .parquet or a directory/); '-' is stdout.")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None, help="Output format (default: from the --output extension; csv on stdout).")
-@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Images per inference batch (the last one may be partial).")
-@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Top classes per image (capped at the number of classes).")
+@click.option(
+    "--model",
+    "-m",
+    "model_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="ONNX model written by stn-export.",
+)
+@click.option(
+    "--output",
+    "-o",
+    default="-",
+    show_default=True,
+    help="Predictions file (.csv or .jsonl; --engine ray also .parquet or a directory/); '-' is stdout.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default=None,
+    help="Output format (default: from the --output extension; csv on stdout).",
+)
+@click.option(
+    "--batch-size",
+    "-b",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per inference batch (the last one may be partial).",
+)
+@click.option(
+    "--top-k",
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Top classes per image (capped at the number of classes).",
+)
 @click.option("--log-probs", is_flag=True, help="Also write every class's log-probability.")
-@click.option("--provider", "-p", type=click.Choice(PROVIDERS), default="auto", show_default=True, help="Execution provider; auto = TensorRT, else CUDA, else CPU.")
-@click.option("--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt.")
-@click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core; --engine ray: per actor, default 1).")
-@click.option("--streams", default="auto", show_default=True, type=STREAMS,
-              help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
-                   f"which take chunks of {STREAM_CHUNK} images in turn. auto: one stream per thread for batches of "
-                   f"{STREAMS_MIN_BATCH} or more on the CPU provider with 2+ threads (faster there), else one stream; "
-                   "one stream on a GPU. The summary line says which was used.")
-@click.option("--decode", "decode_mode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
-              help="fast: JPEG decoded at reduced scale; exact: full decode, as training; auto: "
-                   + ", ".join(f"{kind} {mode}" for kind, mode in AUTO_MODES.items()) + ".")
-@click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Image decoding workers (default: one per core, at most 4).")
-@click.option("--decode-pool", type=click.Choice(["auto", *POOLS]), default="auto", show_default=True,
-              help="Decode in worker processes (shared-memory batches), threads, or inline in the inference thread; "
-                   "auto: inline when the files fit in one batch, process when they average 256 KB or more "
-                   "(large photos), else thread (was: always thread).")
-@click.option("--ort-spin/--no-ort-spin", default=False, show_default=True, help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1), help="Refuse images with more pixels than this (decompression-bomb guard).")
+@click.option(
+    "--provider",
+    "-p",
+    type=click.Choice(PROVIDERS),
+    default="auto",
+    show_default=True,
+    help="Execution provider; auto = TensorRT, else CUDA, else CPU.",
+)
+@click.option(
+    "--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt."
+)
+@click.option(
+    "--threads",
+    "-t",
+    default=None,
+    type=click.IntRange(min=1),
+    help="ONNX Runtime intra-op threads (default: onnxruntime's, one per core; --engine ray: per actor, default 1).",
+)
+@click.option(
+    "--streams",
+    default="auto",
+    show_default=True,
+    type=STREAMS,
+    help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
+    f"which take chunks of {STREAM_CHUNK} images in turn. auto: one stream per thread for batches of "
+    f"{STREAMS_MIN_BATCH} or more on the CPU provider with 2+ threads (faster there), else one stream; "
+    "one stream on a GPU. The summary line says which was used.",
+)
+@click.option(
+    "--decode",
+    "decode_mode",
+    type=click.Choice(DECODE_MODES),
+    default="auto",
+    show_default=True,
+    help="fast: JPEG decoded at reduced scale; exact: full decode, as training; auto: "
+    + ", ".join(f"{kind} {mode}" for kind, mode in AUTO_MODES.items())
+    + ".",
+)
+@click.option(
+    "--decode-workers",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Image decoding workers (default: one per core, at most 4).",
+)
+@click.option(
+    "--decode-pool",
+    type=click.Choice(["auto", *POOLS]),
+    default="auto",
+    show_default=True,
+    help="Decode in worker processes (shared-memory batches), threads, or inline in the inference thread; "
+    "auto: inline when the files fit in one batch, process when they average 256 KB or more "
+    "(large photos), else thread (was: always thread).",
+)
+@click.option(
+    "--ort-spin/--no-ort-spin",
+    default=False,
+    show_default=True,
+    help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to decoding).",
+)
+@click.option(
+    "--max-pixels",
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Refuse images with more pixels than this (decompression-bomb guard).",
+)
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
-@click.option("--cuda-tf32", is_flag=True,
-              help="CUDA: let fp32 convolutions and matmuls use TF32 (faster on Ampere and later; log-probs move by "
-                   "~1e-3). Off by default: an fp32 model computes in fp32.")
-@click.option("--trt-engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT: engine/timing cache directory.")
-@click.option("--device-check/--no-device-check", default=True, show_default=True,
-              help="On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
-                   "disagree (fp32: max |Δ| 1e-3 and identical top-1).")
-@click.option("--strict-placement", is_flag=True, help="Fail (instead of warn) when a GPU provider leaves compute nodes on the CPU.")
-@click.option("--visualize", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write input|warped image pairs here (model needs the 'warped' output: stn-export --with-warped).")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary (counts, throughput, providers, placement) as JSON on stdout.")
+@click.option(
+    "--cuda-tf32",
+    is_flag=True,
+    help="CUDA: let fp32 convolutions and matmuls use TF32 (faster on Ampere and later; log-probs move by "
+    "~1e-3). Off by default: an fp32 model computes in fp32.",
+)
+@click.option(
+    "--trt-engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT: engine/timing cache directory."
+)
+@click.option(
+    "--device-check/--no-device-check",
+    default=True,
+    show_default=True,
+    help="On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
+    "disagree (fp32: max |Δ| 1e-3 and identical top-1).",
+)
+@click.option(
+    "--strict-placement",
+    is_flag=True,
+    help="Fail (instead of warn) when a GPU provider leaves compute nodes on the CPU.",
+)
+@click.option(
+    "--visualize",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write input|warped image pairs here (model needs the 'warped' output: stn-export --with-warped).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the run summary (counts, throughput, providers, placement) as JSON on stdout.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 # -- --engine ray (stn_deploy/infer/ray_engine.py) --
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process; ray: Ray Data, on a local Ray instance or the cluster at --ray-address.")
-@click.option("--ray-address", default=None, metavar="ADDRESS",
-              help="--engine ray: join this cluster (auto, or the head's HOST:PORT) instead of starting a local instance.")
-@click.option("--actors", default=None, type=click.IntRange(min=1),
-              help="--engine ray: inference actors, each with --threads ONNX Runtime threads (default: as many as "
-                   "the cluster's CPUs hold; one per GPU).")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: Ray Data, on a local Ray instance or the cluster at --ray-address.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="--engine ray: join this cluster (auto, or the head's HOST:PORT) instead of starting a local instance.",
+)
+@click.option(
+    "--actors",
+    default=None,
+    type=click.IntRange(min=1),
+    help="--engine ray: inference actors, each with --threads ONNX Runtime threads (default: as many as "
+    "the cluster's CPUs hold; one per GPU).",
+)
 @report_errors
 def main(
     images: str,
@@ -163,7 +279,9 @@ def main(
         raise InferUsageError("--ray-address and --actors apply to --engine ray")
     images_path = Path(images)
     if threads is not None and streams != "auto" and streams > threads:
-        raise InferUsageError(f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)")
+        raise InferUsageError(
+            f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)"
+        )
     fmt = output_format(output, fmt)
     started = time.perf_counter()
     # The walk streams; its first batch is read now, so a missing or empty directory still exits
@@ -182,7 +300,10 @@ def main(
         model_path,
         provider,
         provider_config=ProviderConfig(
-            device_id=device_id, trt_fp16=trt_fp16, trt_engine_cache=trt_engine_cache, trt_max_batch=batch_size,
+            device_id=device_id,
+            trt_fp16=trt_fp16,
+            trt_engine_cache=trt_engine_cache,
+            trt_max_batch=batch_size,
             cuda_tf32=cuda_tf32,
         ),
         threads=threads,
@@ -195,15 +316,18 @@ def main(
     session_s = time.perf_counter() - started
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))
     if visualize is not None and not session.has_warped:
-        raise InferUsageError(f"{model_path}: --visualize needs the '{md.WARPED}' output (export with stn-export --with-warped)")
+        raise InferUsageError(
+            f"{model_path}: --visualize needs the '{md.WARPED}' output (export with stn-export --with-warped)"
+        )
 
     targets = [p for p in (visualize, None if output == "-" else Path(output).parent) if p is not None]
     with _remove_created_dirs_on_failure(targets):
         if visualize is not None:
             visualize.mkdir(parents=True, exist_ok=True)  # a bad path fails here, before any row is written
         with open_output(output) as stream:
-            writer = RowWriter(stream, fmt, top_k=top_k, class_names=session.class_names, theta=session.has_theta,
-                               log_probs=log_probs)
+            writer = RowWriter(
+                stream, fmt, top_k=top_k, class_names=session.class_names, theta=session.has_theta, log_probs=log_probs
+            )
             summary = run_inference(
                 session,
                 listing,
@@ -231,7 +355,9 @@ def main(
     if listing.skipped_dir_links:
         line += f"; {listing.skipped_dir_links} symbolic link(s) to directories not followed"
     if summary.warnings:
-        line += f"; {len(summary.warnings)} decoder warning(s)" + (" (listed by --json)" if as_json else " (--json lists them)")
+        line += f"; {len(summary.warnings)} decoder warning(s)" + (
+            " (listed by --json)" if as_json else " (--json lists them)"
+        )
     click.echo(line, err=True)
     if as_json:
         click.echo(
@@ -250,10 +376,14 @@ def main(
                     "streams": used_streams,
                     "decode_workers": decode_workers or default_decode_workers(),
                     "decode_pool": summary.pool,
-                    "decode": {**DecodeSpec(session.preprocessing, mode=decode_mode).describe(),
-                               "files_by_decoder": summary.decoders},
-                    "timings": {"start_to_session_ready_s": round(session_s, 4),
-                                "start_to_first_rows_s": round(session_s + (summary.first_rows_s or 0.0), 4)},
+                    "decode": {
+                        **DecodeSpec(session.preprocessing, mode=decode_mode).describe(),
+                        "files_by_decoder": summary.decoders,
+                    },
+                    "timings": {
+                        "start_to_session_ready_s": round(session_s, 4),
+                        "start_to_first_rows_s": round(session_s + (summary.first_rows_s or 0.0), 4),
+                    },
                     "ort_spin": ort_spin,
                     "session": session.describe(),
                     "placement": {k: v for k, v in placement.to_dict().items() if k != "nodes"},

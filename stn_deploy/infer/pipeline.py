@@ -170,8 +170,15 @@ def run_inference(
     flush = writer is not None and writer.stream is sys.stdout  # a reader downstream sees each batch
     start = time.perf_counter()
     try:
-        batches = iter_decoded(files, session.preprocessing, batch_size=batch_size, workers=workers, pool=pool,
-                               max_pixels=max_pixels, decode=decode)
+        batches = iter_decoded(
+            files,
+            session.preprocessing,
+            batch_size=batch_size,
+            workers=workers,
+            pool=pool,
+            max_pixels=max_pixels,
+            decode=decode,
+        )
         for batch in batches:
             rows = _classify(session, batch, outputs_wanted, top_k, want_log_probs, visualize, root)
             if writer is not None:

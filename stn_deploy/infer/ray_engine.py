@@ -54,6 +54,7 @@ from PIL import Image
 
 from stn_deploy import metadata as md
 from stn_deploy.console import to_json
+from stn_deploy.decoders import DecodeSpec, decode_data, decode_file
 from stn_deploy.errors import StnDeployError, one_line
 from stn_deploy.fileio import atomic_path, check_writable
 from stn_deploy.images import (
@@ -64,13 +65,12 @@ from stn_deploy.images import (
     ImageDirectoryError,
     find_images,
 )
-from stn_deploy.decoders import DecodeSpec, decode_data, decode_file
-
-from .pipeline import InferSummary
-from .rows import Prediction, RowWriter, open_output, predictions_for
-from .exits import EXIT_OK, EXIT_SOME_FAILED, InferUsageError
 from stn_deploy.preprocessing import Preprocessing
 from stn_deploy.runtime import ProviderConfig, Session
+
+from .exits import EXIT_OK, EXIT_SOME_FAILED, InferUsageError
+from .pipeline import InferSummary
+from .rows import Prediction, RowWriter, open_output, predictions_for
 
 # pyarrow and ray are imported inside functions: they are the optional [ray] extra, and nothing
 # else in stn_deploy may need them (import stn_deploy.infer.ray_engine must work without them).
@@ -182,9 +182,7 @@ def pixel_shape(preprocessing: Preprocessing) -> tuple[int, ...]:
     return (h, w) if preprocessing.channels == 1 else (h, w, preprocessing.channels)
 
 
-def decode_block(
-    batch: dict[str, np.ndarray], *, spec: DecodeSpec, filesystem: Any
-) -> dict[str, np.ndarray]:
+def decode_block(batch: dict[str, np.ndarray], *, spec: DecodeSpec, filesystem: Any) -> dict[str, np.ndarray]:
     """A Ray Data batch of ``path``/``location`` → ``path``, ``pixels`` (uint8, zeros where it
     failed), ``error``, ``decoder``: each file through the local engine's decoders
     (:mod:`stn_deploy.decoders`, ``--decode``), so both engines give the same pixels and errors."""
@@ -766,8 +764,10 @@ def _run(
     ds = ray.data.from_arrow(tables)
     ds = ds.map_batches(
         decode_block,
-        fn_kwargs={"spec": DecodeSpec(preprocessing, mode=options.decode, max_pixels=options.max_pixels),
-                   "filesystem": listing.filesystem},
+        fn_kwargs={
+            "spec": DecodeSpec(preprocessing, mode=options.decode, max_pixels=options.max_pixels),
+            "filesystem": listing.filesystem,
+        },
         batch_size=None,  # a whole block of paths per task
         batch_format="numpy",
         # Decode tasks reserve no CPU and at most one runs per actor: decoding a 32x32 PNG costs about

@@ -89,7 +89,6 @@ def predictions_for(
     return rows
 
 
-
 class RowWriter:
     """Streams predictions as CSV or JSON Lines to an open text file."""
 
@@ -98,7 +97,9 @@ class RowWriter:
     # UTF-8-safe, CSV text cells a spreadsheet would run as formulas get a leading apostrophe,
     # and records are quoted as RFC 4180 says (cells.csv_line: a \r in a file name splits a
     # row written by Python 3.11's csv.writer).
-    def __init__(self, stream: IO[str], fmt: str, *, top_k: int, class_names: Sequence[str], theta: bool, log_probs: bool) -> None:
+    def __init__(
+        self, stream: IO[str], fmt: str, *, top_k: int, class_names: Sequence[str], theta: bool, log_probs: bool
+    ) -> None:
         self.stream = stream
         self.fmt = fmt
         self.k = min(top_k, len(class_names))
@@ -123,8 +124,12 @@ class RowWriter:
         if self.fmt == "csv":
             out = []
             for r in rows:
-                line: list[str] = [cells.csv_text(r.path), "" if r.label is None else cells.csv_text(r.label),
-                                   cells.csv_number(r.index), cells.csv_number(r.confidence)]
+                line: list[str] = [
+                    cells.csv_text(r.path),
+                    "" if r.label is None else cells.csv_text(r.label),
+                    cells.csv_number(r.index),
+                    cells.csv_number(r.confidence),
+                ]
                 for i in range(self.k):
                     top = r.top_k[i] if i < len(r.top_k) else None
                     line += [cells.csv_text(top[0]), cells.csv_number(top[1])] if top is not None else ["", ""]
@@ -138,14 +143,20 @@ class RowWriter:
             self.stream.write("".join(out))
         else:
             for r in rows:
-                obj: dict[str, Any] = {"path": r.path, "label": r.label, "index": r.index, "confidence": r.confidence,
-                                       "top_k": [{"label": lab, "prob": p} for lab, p in r.top_k]}
+                obj: dict[str, Any] = {
+                    "path": r.path,
+                    "label": r.label,
+                    "index": r.index,
+                    "confidence": r.confidence,
+                    "top_k": [{"label": lab, "prob": p} for lab, p in r.top_k],
+                }
                 if self.theta:
                     obj["theta"] = r.theta
                 if self.log_probs:
                     obj["log_probs"] = r.log_probs
                 obj["error"] = r.error
                 self.stream.write(json.dumps(cells.json_safe(obj), allow_nan=False) + "\n")
+
     # -- end hardening
 
 
@@ -170,4 +181,6 @@ def output_format(output: str, fmt: str | None) -> str:
         return "csv"
     if ext in (".jsonl", ".ndjson"):
         return "jsonl"
-    raise OutputFormatError(f"{output}: cannot tell the output format from the extension (use .csv or .jsonl, or --format)")
+    raise OutputFormatError(
+        f"{output}: cannot tell the output format from the extension (use .csv or .jsonl, or --format)"
+    )

@@ -107,4 +107,3 @@ def create_session(
         raise ModelFileError(f"{source}: onnxruntime cannot load it ({one_line(exc)})") from None
     session._stn_keep_alive = keep  # type: ignore[attr-defined]
     return session
-

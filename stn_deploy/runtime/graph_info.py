@@ -32,8 +32,18 @@ INT8, UINT8, FLOAT16 = 3, 2, 10
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 # Operators that only exist in quantized graphs (QDQ and QOperator formats, integer kernels).
 QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-     "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "QLinearMul"}
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+    }
 )
 
 

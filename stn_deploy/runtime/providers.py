@@ -145,7 +145,7 @@ def resolve_providers(
                 f"(it offers {have})" + (f"; {hint}" if hint else "")
             )
         chain = {TENSORRT: [TENSORRT, CUDA, CPU], CUDA: [CUDA, CPU], CPU: [CPU]}[wanted]
-        chain = [name for name in chain if name == wanted or name in available or name == CPU]
+        chain = [name for name in chain if name in (wanted, CPU) or name in available]
     out: ProviderChain = []
     for name in chain:
         if name == TENSORRT:

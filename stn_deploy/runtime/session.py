@@ -38,7 +38,7 @@ from .factory import GRAPH_OPTIMIZATION, create_session, session_options
 from .graph_info import GraphInfo, GraphReadError, read_graph_info
 from .guards import DeviceCheck, compare_devices, tensorrt_excluded_ops
 from .placement import PlacementReport, parse_profile
-from .providers import CPU, GPU_PROVIDERS, TENSORRT, ProviderChain, ProviderConfig, display, resolve_providers
+from .providers import GPU_PROVIDERS, TENSORRT, ProviderChain, ProviderConfig, display, resolve_providers
 
 # Images per run call when a batch is shared out over streams: small calls keep each chunk's
 # activations in its core's cache, and taking chunks in turn lets a thread on a slower core take
@@ -167,7 +167,10 @@ class Session:
             # TensorRT optimization profile can name them.
             first = create_session(self.model_path, session_options(optimization="disable")).get_inputs()[0]
             chain = resolve_providers(
-                provider, self.provider_config, input_name=first.name, input_shape=first.shape[1:],
+                provider,
+                self.provider_config,
+                input_name=first.name,
+                input_shape=first.shape[1:],
                 trt_exclude_ops=exclude,
             )
         return chain

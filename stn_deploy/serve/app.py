@@ -144,14 +144,18 @@ def create_app(
             await within(receive_all(), until)
         except asyncio.TimeoutError:
             raise RequestError(
-                408, f"request body not received within {limits.request_timeout_s:g} s ({received} bytes arrived; --request-timeout-s)"
+                408,
+                f"request body not received within {limits.request_timeout_s:g} s ({received} bytes arrived; "
+                "--request-timeout-s)",
             ) from None
         return b"".join(chunks)
 
     def _too_large(size: int, at_least: bool = False) -> RequestError:
         more = "more than " if at_least else ""
         return RequestError(
-            413, f"request body of {more}{size:,} bytes exceeds the limit of {limits.max_body_bytes:,} bytes (--max-body-mb)"
+            413,
+            f"request body of {more}{size:,} bytes exceeds the limit of {limits.max_body_bytes:,} bytes "
+            "(--max-body-mb)",
         )
 
     # -- health and metadata --------------------------------------------------------------------
@@ -211,7 +215,9 @@ def create_app(
         else:
             data, name = body, "upload"
         if not data:
-            raise RequestError(400, "empty body: send the image bytes (curl --data-binary @digit.png) or a multipart upload")
+            raise RequestError(
+                400, "empty body: send the image bytes (curl --data-binary @digit.png) or a multipart upload"
+            )
         decoded = await run_in_threadpool(decode_bytes, data, name, model.preprocessing, max_pixels=limits.max_pixels)
         if not decoded.ok:
             raise RequestError(400, f"{name}: {decoded.error}")
@@ -330,7 +336,9 @@ async def _multipart_image(headers: Headers, body: bytes, max_bytes: int) -> tup
                 return data, _safe_name(value.filename)
     finally:
         await form.close()
-    raise RequestError(400, "the multipart upload holds no file (send the image as a file field, e.g. curl -F image=@digit.png)")
+    raise RequestError(
+        400, "the multipart upload holds no file (send the image as a file field, e.g. curl -F image=@digit.png)"
+    )
 
 
 def _safe_name(filename: str | None) -> str:
@@ -353,9 +361,12 @@ def _endpoint(path: str, models: set[str]) -> tuple[str, str]:
         rest = parts[3:]
         if rest[:1] == ["versions"]:
             rest = rest[2:]
-        endpoint = {(): "model_metadata", ("ready",): "model_ready", ("infer",): "infer", ("classify",): "classify"}.get(
-            tuple(rest), "other"
-        )
+        endpoint = {
+            (): "model_metadata",
+            ("ready",): "model_ready",
+            ("infer",): "infer",
+            ("classify",): "classify",
+        }.get(tuple(rest), "other")
         return model, endpoint
     if path == "/" or parts[0] in ("static", "ui"):
         return "", "page"
@@ -398,5 +409,12 @@ class AccessMiddleware:
             target = _printable(path) + ("?" + _printable(query.decode("latin-1")) if query else "")
             ACCESS_LOG.info(
                 '%s:%s "%s %s HTTP/%s" %d %d %.2fms',
-                client[0], client[1], scope.get("method", "-"), target, scope.get("http_version", "1.1"), status, sent, seconds * 1e3,
+                client[0],
+                client[1],
+                scope.get("method", "-"),
+                target,
+                scope.get("http_version", "1.1"),
+                status,
+                sent,
+                seconds * 1e3,
             )

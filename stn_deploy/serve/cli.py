@@ -83,32 +83,103 @@ error (one line on stderr); 2 bad arguments.
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--name", "names", multiple=True, help="Model name in URLs, once per MODEL in order (default: the file stem).")
+@click.option(
+    "--name", "names", multiple=True, help="Model name in URLs, once per MODEL in order (default: the file stem)."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port; the ready line says which).")
-@click.option("--provider", "-p", type=click.Choice(PROVIDERS), default="auto", show_default=True, help="Execution provider; auto = TensorRT, else CUDA, else CPU.")
-@click.option("--threads", "-t", default=None, type=click.IntRange(min=1),
-              help=f"ONNX Runtime intra-op threads per model (default {DEFAULT_THREADS}, or --streams: the event loop needs a core of its own).")
-@click.option("--streams", default=1, show_default=True, type=click.IntRange(min=1),
-              help=f"CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, taking chunks of {STREAM_CHUNK} images.")
-@click.option("--ort-spin/--no-ort-spin", default=False, show_default=True,
-              help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to the HTTP side).")
-@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1, 4096),
-              help="Most images in one batch, and in one request.")
-@click.option("--max-queue-delay-ms", default=0.0, show_default=True, type=click.FloatRange(0, 60_000),
-              help="Longest the oldest queued request waits for a batch to fill. 0: a batch starts as soon as the model "
-                   "is free, with every request that queued while the last one ran (batches still form under load).")
-@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Most requests waiting per model; past it a request gets 503 at once.")
-@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(min=0.001), help="Largest request body (413 above it).")
-@click.option("--request-timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0.001),
-              help="Per request: the body must arrive (else 408) and the answer be ready (else 504) within this time.")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="classify: refuse images with more pixels than this (decompression-bomb guard, as stn-infer).")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="classify: default number of top classes.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0: any free port; the ready line says which).",
+)
+@click.option(
+    "--provider",
+    "-p",
+    type=click.Choice(PROVIDERS),
+    default="auto",
+    show_default=True,
+    help="Execution provider; auto = TensorRT, else CUDA, else CPU.",
+)
+@click.option(
+    "--threads",
+    "-t",
+    default=None,
+    type=click.IntRange(min=1),
+    help=f"ONNX Runtime intra-op threads per model (default {DEFAULT_THREADS}, or --streams: the event loop "
+    "needs a core of its own).",
+)
+@click.option(
+    "--streams",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="CPU: run each batch on this many concurrent streams of threads/streams ONNX Runtime threads, "
+    f"taking chunks of {STREAM_CHUNK} images.",
+)
+@click.option(
+    "--ort-spin/--no-ort-spin",
+    default=False,
+    show_default=True,
+    help="Let idle ONNX Runtime threads spin-wait (off: they sleep and leave the cores to the HTTP side).",
+)
+@click.option(
+    "--max-batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Most images in one batch, and in one request.",
+)
+@click.option(
+    "--max-queue-delay-ms",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 60_000),
+    help="Longest the oldest queued request waits for a batch to fill. 0: a batch starts as soon as the model "
+    "is free, with every request that queued while the last one ran (batches still form under load).",
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most requests waiting per model; past it a request gets 503 at once.",
+)
+@click.option(
+    "--max-body-mb",
+    default=16.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Largest request body (413 above it).",
+)
+@click.option(
+    "--request-timeout-s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Per request: the body must arrive (else 408) and the answer be ready (else 504) within this time.",
+)
+@click.option(
+    "--max-pixels",
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="classify: refuse images with more pixels than this (decompression-bomb guard, as stn-infer).",
+)
+@click.option(
+    "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="classify: default number of top classes."
+)
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="One line per request on stderr.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="When ready, print one JSON line on stdout: the URL, the models and the settings.")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="When ready, print one JSON line on stdout: the URL, the models and the settings.",
+)
 @report_errors
 def main(
     models: tuple[Path, ...],
@@ -135,25 +206,37 @@ def main(
     if threads is None:
         threads = max(DEFAULT_THREADS, streams)
     if streams > threads:
-        raise ServeUsageError(f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)")
+        raise ServeUsageError(
+            f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)"
+        )
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb limit, behind the explicit check (as stn-infer)
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     metrics = ServeMetrics()
-    batching = BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_s=max_queue_delay_ms / 1e3, max_queue=max_queue)
+    batching = BatchingConfig(
+        max_batch_size=max_batch_size, max_queue_delay_s=max_queue_delay_ms / 1e3, max_queue=max_queue
+    )
     served = []
     for path, name in zip(models, model_names):
         session = Session(path, provider, threads=threads, streams=streams, spin=ort_spin, warmup=1, warmup_batch=1)
         served.append(ServedModel(name, session, batching, metrics))
     limits = ServerLimits(
-        max_body_bytes=int(max_body_mb * (1 << 20)), request_timeout_s=request_timeout_s, max_pixels=max_pixels, top_k=top_k
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        request_timeout_s=request_timeout_s,
+        max_pixels=max_pixels,
+        top_k=top_k,
     )
     sock = _listen(host, port)
     bound = sock.getsockname()
     url = f"http://{_url_host(host)}:{bound[1]}"
     settings = {
-        "provider": served[0].session.providers[0], "threads": threads, "streams": streams, "max_batch_size": max_batch_size,
-        "max_queue_delay_ms": max_queue_delay_ms, "max_queue": max_queue, "max_body_mb": max_body_mb,
+        "provider": served[0].session.providers[0],
+        "threads": threads,
+        "streams": streams,
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_ms": max_queue_delay_ms,
+        "max_queue": max_queue,
+        "max_body_mb": max_body_mb,
         "request_timeout_s": request_timeout_s,
     }
     failure: list[BaseException] = []
@@ -182,8 +265,10 @@ def main(
     )
     server = _Server(config, served, app.state.serve)
     click.echo(
-        f"stn-serve: listening on {url}: {', '.join(f'{m.name} ({m.path})' for m in served)} on {settings['provider']}, "
-        f"{threads} thread(s), {streams} stream(s), max batch {max_batch_size}, max delay {max_queue_delay_ms:g} ms; warming up",
+        f"stn-serve: listening on {url}: {', '.join(f'{m.name} ({m.path})' for m in served)} on "
+        f"{settings['provider']}, "
+        f"{threads} thread(s), {streams} stream(s), max batch {max_batch_size}, max delay {max_queue_delay_ms:g} ms; "
+        "warming up",
         err=True,
     )
     server.run(sockets=[sock])
@@ -194,7 +279,9 @@ def main(
 
 def _model_names(models: tuple[Path, ...], names: tuple[str, ...]) -> list[str]:
     if names and len(names) != len(models):
-        raise ServeUsageError(f"--name is given {len(names)} time(s) for {len(models)} model(s): give one per model, in order")
+        raise ServeUsageError(
+            f"--name is given {len(names)} time(s) for {len(models)} model(s): give one per model, in order"
+        )
     chosen = list(names) if names else [p.stem for p in models]
     for name, path in zip(chosen, models):
         try:
@@ -271,7 +358,8 @@ class _Server(uvicorn.Server):
                 model.batcher.hurry()
             queued = sum(m.batcher.depth for m in self._models)
             click.echo(
-                f"stn-serve: {signal.Signals(sig).name}: no new connections; answering the requests in flight ({queued} queued)",
+                f"stn-serve: {signal.Signals(sig).name}: no new connections; answering the requests in flight "
+                f"({queued} queued)",
                 err=True,
             )
         self.should_exit = True

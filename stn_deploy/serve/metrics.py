@@ -60,19 +60,44 @@ class ServeMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("stn_serve_requests", "HTTP requests answered", ["model", "endpoint", "code"], registry=r)
-        self.errors = Counter("stn_serve_request_errors", "HTTP requests answered with a 4xx or 5xx status",
-                              ["model", "endpoint", "code"], registry=r)
-        self.latency = Histogram("stn_serve_request_duration_seconds", "Time from request start to the last byte of the response",
-                                 ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("stn_serve_batch_size", "Images per batch run by the dynamic batcher", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("stn_serve_batch_duration_seconds", "Time Session.run took per batch", ["model"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "stn_serve_requests", "HTTP requests answered", ["model", "endpoint", "code"], registry=r
+        )
+        self.errors = Counter(
+            "stn_serve_request_errors",
+            "HTTP requests answered with a 4xx or 5xx status",
+            ["model", "endpoint", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "stn_serve_request_duration_seconds",
+            "Time from request start to the last byte of the response",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "stn_serve_batch_size",
+            "Images per batch run by the dynamic batcher",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "stn_serve_batch_duration_seconds",
+            "Time Session.run took per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.images = Counter("stn_serve_images", "Images run through the model", ["model"], registry=r)
         self.queue_depth = Gauge("stn_serve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
-        self.images_per_second = Gauge("stn_serve_images_per_second",
-                                       f"Images run per second over the last {RATE_WINDOW_S:g} s", ["model"], registry=r)
+        self.images_per_second = Gauge(
+            "stn_serve_images_per_second",
+            f"Images run per second over the last {RATE_WINDOW_S:g} s",
+            ["model"],
+            registry=r,
+        )
         self.ready = Gauge("stn_serve_model_ready", "1 once the model has warmed up", ["model"], registry=r)
         self._rates: dict[str, ImageRate] = {}
 

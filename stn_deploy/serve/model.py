@@ -50,7 +50,9 @@ class BatchingConfig:
 class ServedModel:
     """One ONNX model behind the server: validated requests in, rows out, through the batcher."""
 
-    def __init__(self, name: str, session: Session, batching: BatchingConfig, metrics: ServeMetrics | None = None) -> None:
+    def __init__(
+        self, name: str, session: Session, batching: BatchingConfig, metrics: ServeMetrics | None = None
+    ) -> None:
         self.name = check_name(name)
         self.session = session
         self.batching = batching
@@ -142,15 +144,18 @@ class ServedModel:
         except asyncio.TimeoutError:
             self.batcher.cancel(job)
             raise RequestError(
-                504, f"model '{self.name}': no result within the request timeout (--request-timeout-s); "
-                f"{self.batcher.depth} requests are queued"
+                504,
+                f"model '{self.name}': no result within the request timeout (--request-timeout-s); "
+                f"{self.batcher.depth} requests are queued",
             ) from None
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - an inference failure is a 500 with a message, not a traceback
             raise RequestError(500, f"model '{self.name}': inference failed ({one_line(exc, 200)})") from None
 
-    def classification(self, arrays: dict[str, np.ndarray], top_k: int, images: bool, inputs: np.ndarray) -> dict[str, Any]:
+    def classification(
+        self, arrays: dict[str, np.ndarray], top_k: int, images: bool, inputs: np.ndarray
+    ) -> dict[str, Any]:
         """The classify endpoint's answer for one image."""
         log_probs = np.asarray(arrays[md.LOG_PROBS][0], dtype=np.float64)
         k = min(top_k, len(self.class_names))
@@ -169,7 +174,9 @@ class ServedModel:
         if images:
             body["images"] = {
                 "input": _png_data_url(self.preprocessing.denormalize(inputs[0])),
-                "warped": _png_data_url(self.preprocessing.denormalize(arrays[md.WARPED][0])) if md.WARPED in arrays else None,
+                "warped": _png_data_url(self.preprocessing.denormalize(arrays[md.WARPED][0]))
+                if md.WARPED in arrays
+                else None,
                 "warped_note": None if self.has_warped else NO_WARPED,
             }
         return body

@@ -198,7 +198,9 @@ def parse_infer_request(body: bytes, header_length: int | None, sig: ModelSignat
     if not np.isfinite(batch).all():
         raise bad_request(f"input '{sig.input.name}' holds NaN or infinite values")
 
-    outputs = _parse_outputs(request.get("outputs"), sig, default_binary=_flag(parameters, "binary_data_output", "request"))
+    outputs = _parse_outputs(
+        request.get("outputs"), sig, default_binary=_flag(parameters, "binary_data_output", "request")
+    )
     return InferRequest(inputs=batch, outputs=outputs, id=request_id, parameters=parameters)
 
 
@@ -217,12 +219,16 @@ def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _parse_input(entry: dict[str, Any], sig: ModelSignature, binary: bytes, offset: int, has_header: bool) -> tuple[np.ndarray, int]:
+def _parse_input(
+    entry: dict[str, Any], sig: ModelSignature, binary: bytes, offset: int, has_header: bool
+) -> tuple[np.ndarray, int]:
     name = sig.input.name
     datatype = entry.get("datatype")
     if datatype != sig.input.datatype:
         known = "" if datatype in DATATYPES else " (not a protocol datatype)"
-        raise bad_request(f"input '{name}': datatype {_quote(datatype)}{known} is not accepted; the model takes {sig.input.datatype}")
+        raise bad_request(
+            f"input '{name}': datatype {_quote(datatype)}{known} is not accepted; the model takes {sig.input.datatype}"
+        )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise bad_request(f"input '{name}': 'shape' must be a list of integers, got {_quote(shape)}")
@@ -237,7 +243,8 @@ def _parse_input(entry: dict[str, Any], sig: ModelSignature, binary: bytes, offs
         raise bad_request(f"input '{name}': batch size {n} in shape {_quote(shape)} must be at least 1")
     if n > sig.max_batch_size:
         raise bad_request(
-            f"input '{name}': batch size {n} exceeds the server's maximum of {sig.max_batch_size} images per request (--max-batch-size)"
+            f"input '{name}': batch size {n} exceeds the server's maximum of {sig.max_batch_size} images per request "
+            "(--max-batch-size)"
         )
     count = math.prod(shape)  # small: n and every other dim are bounded above
     itemsize = np.dtype(DATATYPES[datatype]).itemsize
@@ -253,7 +260,8 @@ def _parse_input(entry: dict[str, Any], sig: ModelSignature, binary: bytes, offs
             raise bad_request(f"input '{name}': give either 'data' or binary_data_size, not both")
         if size != count * itemsize:
             raise bad_request(
-                f"input '{name}': binary_data_size {size} does not match shape {_quote(shape)} of {datatype} ({count * itemsize} bytes)"
+                f"input '{name}': binary_data_size {size} does not match shape {_quote(shape)} of {datatype} "
+                f"({count * itemsize} bytes)"
             )
         if offset + size > len(binary):
             raise bad_request(
@@ -267,7 +275,9 @@ def _parse_input(entry: dict[str, Any], sig: ModelSignature, binary: bytes, offs
         raise bad_request(f"input '{name}': no 'data' and no binary_data_size")
     data = entry["data"]
     if not isinstance(data, list):
-        raise bad_request(f"input '{name}': 'data' must be a list of numbers (flat or nested), got {type(data).__name__}")
+        raise bad_request(
+            f"input '{name}': 'data' must be a list of numbers (flat or nested), got {type(data).__name__}"
+        )
     try:
         array = np.asarray(data)
     except (ValueError, TypeError):
@@ -277,12 +287,16 @@ def _parse_input(entry: dict[str, Any], sig: ModelSignature, binary: bytes, offs
     if array.size != count:
         raise bad_request(f"input '{name}': 'data' has {array.size} elements but shape {_quote(shape)} needs {count}")
     if array.ndim != 1 and list(array.shape) != shape:
-        raise bad_request(f"input '{name}': nested 'data' of shape {list(array.shape)} does not match shape {_quote(shape)}")
+        raise bad_request(
+            f"input '{name}': nested 'data' of shape {list(array.shape)} does not match shape {_quote(shape)}"
+        )
     return array.astype(np.float32).reshape(shape), offset
 
 
 def _kind(array: np.ndarray) -> str:
-    return {"b": "booleans", "U": "strings", "S": "strings", "O": "non-numbers or ragged lists"}.get(array.dtype.kind, str(array.dtype))
+    return {"b": "booleans", "U": "strings", "S": "strings", "O": "non-numbers or ragged lists"}.get(
+        array.dtype.kind, str(array.dtype)
+    )
 
 
 def _parse_outputs(value: Any, sig: ModelSignature, *, default_binary: bool) -> list[RequestedOutput]:
