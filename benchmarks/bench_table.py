@@ -4,19 +4,21 @@ What it does, each step through the real command a user runs:
 
 1. ``stn-train`` (the default recipe, ``digits``) → ``<work>/stn_digits.pt``, unless that file,
    or the one given with ``--checkpoint``, already exists;
-2. ``stn-export <ckpt> --optimize --quantize int8 --calibration digits --json`` → the fp32 model and the
-   int8 model in the fast CPU configuration (export/quantize.py, benchmarks/INT8.md), with the
-   int8 vs fp32 top-1 accuracy on the digits test split; then ``stn-export <that fp32 model>
-   --quantize int8 --int8-config plain``, the int8 layout OpenVINO runs fastest, for the
-   OpenVINO int8 row (quantized from the same fp32 file, not exported again);
-3. ``stn-bench --model … --checkpoint … --int8-model … --openvino-int8-model … --threads 2
-   --streams 2 --json`` at batch sizes 1, 8, 64, 256 (PyTorch eager, ONNX Runtime fp32 and int8, OpenVINO when
-   installed; every ONNX Runtime CPU and OpenVINO row twice on the same cores: one stream of
-   ``--threads`` threads, and ``--threads`` streams of 1 thread that share out the batch);
+2. ``stn-export <ckpt> --quantize int8 --calibration digits --json`` (the default export, which is
+   optimized) → the fp32 model and the int8 model in the fast CPU configuration
+   (export/quantize.py, benchmarks/INT8.md), with the int8 vs fp32 top-1 accuracy on the digits
+   test split; then ``stn-export <that fp32 model> --quantize int8 --int8-config plain``, the int8
+   layout OpenVINO runs fastest, for the OpenVINO int8 row (quantized from the same fp32 file, not exported again);
+3. ``stn-bench --model … --checkpoint … --int8-model … --openvino-int8-model … --threads 2 --json``
+   at batch sizes 1, 8, 64, 256 with stn-bench's defaults (PyTorch eager, ONNX Runtime fp32 and
+   int8 with ``--streams auto``: one stream at batch 1 and 8, two from 64 on; OpenVINO when
+   installed, with its own defaults); ``--streams N`` adds the older twin rows;
 4. before and after step 3, times the int8 file at batch 1 in a bare loop on ``--threads``
    threads and on 1 (``core_probe``): on a shared VM a slow second vCPU makes the 2-thread
    rows slow, and this records whether the run met that state;
-5. writes ``benchmarks/results/bench_table.json`` and ``bench_table.md`` and prints whether
+5. issue 17's check: the default export against an explicit ``stn-export --optimize`` of the same
+   checkpoint, batch 1 in a bare interleaved loop (p50 of each; the files' sha256 too);
+6. writes ``benchmarks/results/bench_table.json`` and ``bench_table.md`` and prints whether
    each target of the issue was met (batch 256, 2 threads):
    * the fastest stn-deploy (ONNX Runtime) CPU path ≥ 4× PyTorch eager,
    * … and ≥ 1.0× OpenVINO's best precision in the same run,
@@ -81,6 +83,30 @@ def core_probe(model: Path, threads: int, blocks: int = 6, calls: int = 300) -> 
     }
 
 
+def default_vs_explicit(default: Path, explicit: Path, threads: int, blocks: int = 6, calls: int = 300) -> dict:
+    """Batch-1 p50 of the default export against an explicit ``--optimize`` export, interleaved."""
+    import hashlib
+
+    files = {"default": default, "explicit_optimize": explicit}
+    sessions = {k: Session(p, provider="cpu", threads=threads, warmup=20) for k, p in files.items()}
+    x = np.random.default_rng(0).random((1, *sessions["default"].preprocessing.input_shape), dtype=np.float32)
+    times: dict[str, list[float]] = {k: [] for k in files}
+    for _ in range(blocks):
+        for k, session in sessions.items():
+            for _ in range(calls):
+                start = time.perf_counter()
+                session.run(x)
+                times[k].append(time.perf_counter() - start)
+    p50 = {k: float(np.median(t)) * 1000.0 for k, t in times.items()}
+    digest = {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in files.items()}
+    return {
+        "p50_ms": {k: round(v, 4) for k, v in p50.items()},
+        "ratio": round(p50["default"] / p50["explicit_optimize"], 3),
+        "sha256": digest,
+        "same_bytes": digest["default"] == digest["explicit_optimize"],
+    }
+
+
 def describe_probe(when: str, probe: dict, threads: int) -> str:
     p50 = probe["p50_ms"]
     return f"{when} {p50[str(threads)]:.3f} ms on {threads} threads vs {p50['1']:.3f} ms on 1 ({probe['speedup']:.2f}x)"
@@ -100,6 +126,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch-sizes", default="1,8,64,256")
+    ap.add_argument("--streams", default=None, help="stn-bench --streams (default: stn-bench's own, auto)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_table.json")
     args = ap.parse_args()
 
@@ -128,13 +155,14 @@ def main() -> None:
                 "int8",
                 "--calibration",
                 "digits",
-                "--optimize",
                 "--json",
                 "-q",
             ]
         )
     )
     int8 = variant_path(fp32, "int8")
+    explicit = work / "stn_digits.explicit_optimize.onnx"
+    run([str(BIN / "stn-export"), str(ckpt), "-o", str(explicit), "--optimize", "--json", "-q"])
     # OpenVINO's int8 row gets the int8 layout OpenVINO runs fastest (no conv unfolding), so the
     # comparison is against OpenVINO at its best, not on a graph tuned for ONNX Runtime.
     plain_int8 = variant_path(fp32, "plain.int8")
@@ -169,8 +197,7 @@ def main() -> None:
                 str(plain_int8),
                 "--threads",
                 str(args.threads),
-                "--streams",
-                str(args.threads),
+                *(["--streams", args.streams] if args.streams else []),
                 "--batch-sizes",
                 args.batch_sizes,
                 "--iterations",
@@ -183,6 +210,7 @@ def main() -> None:
         )
     )  # 3: a backend failed; its row says why and the table says so
     probes["after"] = core_probe(int8, args.threads)
+    defaults = default_vs_explicit(fp32, explicit, args.threads)
 
     results = bench["results"]
     big, one = max(bench["batch_sizes"]), min(bench["batch_sizes"])
@@ -225,6 +253,12 @@ def main() -> None:
             fp32["throughput"] / eager >= 2.0,
         ),
         ("batch-1 p50 <= 0.2 ms", f"{b1['backend']} {b1['p50_ms']:.3f} ms", b1["p50_ms"] <= 0.2),
+        (
+            "default export's batch-1 p50 within 10% of an explicit --optimize file",
+            f"{defaults['p50_ms']['default']:.3f} vs {defaults['p50_ms']['explicit_optimize']:.3f} ms "
+            f"({defaults['ratio']:.3f}x; {'the same bytes' if defaults['same_bytes'] else 'different bytes'})",
+            defaults["ratio"] <= 1.10,
+        ),
     ]
 
     lines = [
@@ -272,6 +306,7 @@ def main() -> None:
         "bench": bench,
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
         "core_probe": probes,
+        "default_vs_explicit_optimize": defaults,
         "markdown": markdown,
     }
     atomic_write_text(args.out, json.dumps(payload, indent=2))
