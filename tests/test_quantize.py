@@ -208,6 +208,16 @@ def test_fp16_conversion_and_parity(small_onnx, tmp_path):
     assert not through_fp16(sampler.input[0]) and not through_fp16(sampler.input[1])
 
 
+def test_fp16_of_the_cuda_target_is_checked_on_a_cpu_too(tmp_path):
+    """The cuda target's GridSample-16 names its mode 'bilinear', which onnx's reference evaluator
+    (the CPU fp16 check) only knows by the opset-20 name: the check maps it and passes."""
+    ckpt = make_checkpoint(tmp_path / "c.pt", SMALL, seed=4)
+    cuda = tmp_path / "c.cuda.onnx"
+    export_model(ckpt, cuda, target="cuda", parity_samples=8, progress=False)
+    report = convert_fp16(cuda, tmp_path / "c.cuda.fp16.onnx", _images(4, 8), provider="reference")
+    assert report.passed and report.written and report.checked_with == "onnx.reference.ReferenceEvaluator"
+
+
 def test_fp16_refused_beyond_bounds(small_onnx, tmp_path, monkeypatch):
     import stn_deploy.export.precision as precision
 
