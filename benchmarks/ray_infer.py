@@ -42,9 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from infer_throughput import export_random_model, write_pngs
 from ray_cluster import LoopbackCluster
+from serve_load import export_random_model
 from stn_deploy.fileio import atomic_write_text
+from synthetic_images import write_pngs
 
 TARGET_RATIO = 0.70
 

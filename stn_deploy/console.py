@@ -87,8 +87,8 @@ def report_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class StreamsType(click.ParamType):
-    """``--streams``: ``auto`` or a positive number of concurrent inference streams."""
+class AutoOrCount(click.ParamType):
+    """``auto`` or a positive whole number (``--streams``, ``--batch-size``)."""
 
     name = "auto|N"
 
@@ -107,7 +107,8 @@ class StreamsType(click.ParamType):
         return number
 
 
-STREAMS = StreamsType()
+STREAMS = AutoOrCount()
+BATCH = AutoOrCount()
 
 
 def to_json(obj: Any) -> str:

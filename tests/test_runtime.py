@@ -430,3 +430,13 @@ def test_a_closed_session_refuses_to_run_and_closes_once(model_path):
     session.close()  # idempotent
     with pytest.raises(ProviderError, match="session is closed"):
         session.run(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_the_streams_session_never_keeps_the_placement_profiler_on(model_path):
+    """A warm-up batch large enough for streams builds the streams' session during the warm-up;
+    it must not inherit the placement profiler (which would keep every run's events in memory)."""
+    session = Session(model_path, "cpu", threads=2, warmup_batch=STREAMS_MIN_BATCH)  # streams="auto"
+    assert session._stream_session is not None  # built by the warm-up
+    session.run(np.zeros((STREAMS_MIN_BATCH, 3, 32, 32), np.float32))
+    assert session._stream_session.end_profiling() == ""  # "" : the profiler was never on
+    assert session._session.end_profiling() == ""  # the first session's stopped after the warm-up

@@ -14,7 +14,7 @@ import click
 from PIL import Image
 
 from stn_deploy import metadata as md
-from stn_deploy.console import STREAMS, report_errors, to_json
+from stn_deploy.console import BATCH, STREAMS, report_errors, to_json
 from stn_deploy.decode_pool import POOLS, prestart_processes
 from stn_deploy.decoders import AUTO_MODES, DECODE_MODES, DecodeSpec
 from stn_deploy.image_walk import walk_images
@@ -22,7 +22,15 @@ from stn_deploy.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, STREAMS_MIN_BATCH, ProviderConfig, Session
 
 from .exits import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InferUsageError
-from .pipeline import choose_pool, default_decode_workers, mean_file_size, run_inference
+from .pipeline import (
+    AUTO_BATCH_BYTES,
+    AUTO_BATCH_MAX,
+    auto_batch_size,
+    choose_pool,
+    default_decode_workers,
+    mean_file_size,
+    run_inference,
+)
 from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format
 
 HELP = f"""Classify every image under IMAGES (a directory, searched recursively, or one file).
@@ -103,10 +111,11 @@ other error (unreadable model, unavailable provider, --strict-placement violated
 @click.option(
     "--batch-size",
     "-b",
-    default=64,
+    default="auto",
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per inference batch (the last one may be partial).",
+    type=BATCH,
+    help=f"Images per inference batch (the last one may be partial). auto: as many as fit in "
+    f"{AUTO_BATCH_BYTES // 2**20} MiB of model input, at most {AUTO_BATCH_MAX} (256 for 32x32 RGB; was 64).",
 )
 @click.option(
     "--top-k",
@@ -245,7 +254,7 @@ def main(
     model_path: Path,
     output: str,
     fmt: str | None,
-    batch_size: int,
+    batch_size: int | str,
     top_k: int,
     log_probs: bool,
     provider: str,
@@ -278,6 +287,8 @@ def main(
     if ray_address is not None or actors is not None:
         raise InferUsageError("--ray-address and --actors apply to --engine ray")
     images_path = Path(images)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model_path)
     if threads is not None and streams != "auto" and streams > threads:
         raise InferUsageError(
             f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)"

@@ -34,6 +34,25 @@ from stn_deploy.visualize import save_warp_grid
 from .rows import Prediction, RowWriter, predictions_for
 
 LARGE_FILE_BYTES = 256 * 1024  # mean file size above which auto decodes in processes
+# --batch-size auto: as many images as fit in this many bytes of model input, at most AUTO_BATCH_MAX.
+# Larger batches cost less per image (fewer calls, fewer hand-offs between decoding and inference;
+# 256 against 64 measured faster for the 32x32 digits model, benchmarks/DECODE.md), while the decode
+# ring holds a few such buffers at once, so big inputs get smaller batches.
+AUTO_BATCH_BYTES = 16 * 1024 * 1024
+AUTO_BATCH_MAX = 256
+FALLBACK_BATCH = 64  # when the model's input size cannot be read before the session starts
+
+
+def auto_batch_size(model: Path) -> int:
+    """``--batch-size auto`` for ``model``: from its input size in the metadata, read without a session."""
+    from stn_deploy.runtime import read_graph_info  # the runtime layer below the app: a graph read, no session
+
+    try:
+        pre = Preprocessing.from_json(read_graph_info(model).metadata[md.PREPROCESSING])
+    except Exception:  # noqa: BLE001 - an unreadable model: the session reports it in its own words
+        return FALLBACK_BATCH
+    per_image = 4 * int(np.prod(pre.input_shape))
+    return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_BYTES // per_image))
 
 
 def default_decode_workers() -> int:

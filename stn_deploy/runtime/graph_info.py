@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # onnx.proto field numbers
-_MODEL_GRAPH, _MODEL_OPSET_IMPORT = 7, 8
+_MODEL_GRAPH, _MODEL_OPSET_IMPORT, _MODEL_METADATA_PROPS = 7, 8, 14
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+_ENTRY = (_ENTRY_KEY, _ENTRY_VALUE)
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 _GRAPH_NODE, _GRAPH_INITIALIZER = 1, 5
 _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 4, 5, 7
@@ -59,6 +61,7 @@ class GraphInfo:
     op_types: Counter[str] = field(default_factory=Counter)
     initializer_types: Counter[int] = field(default_factory=Counter)  # TensorProto.DataType -> count
     cast_targets: Counter[int] = field(default_factory=Counter)  # Cast(to=...) -> count
+    metadata: dict[str, str] = field(default_factory=dict)  # the model's metadata_props
 
     @property
     def opset(self) -> int:
@@ -89,6 +92,9 @@ def read_graph_info(path: str | os.PathLike[str]) -> GraphInfo:
             info.opsets[domain] = version
         elif number == _MODEL_GRAPH:
             _read_graph(value, info)
+        elif number == _MODEL_METADATA_PROPS:
+            entry = {n: bytes(v).decode("utf-8", "replace") for n, _, v in _fields(value) if n in _ENTRY}
+            info.metadata[entry.get(_ENTRY_KEY, "")] = entry.get(_ENTRY_VALUE, "")  # StringStringEntryProto
     return info
 
 

@@ -175,8 +175,10 @@ class Session:
             )
         return chain
 
-    def _options(self, threads: int | None) -> ort.SessionOptions:
-        prefix = os.path.join(self._profile_dir, "profile") if self._profile_dir else None
+    def _options(self, threads: int | None, *, profile: bool = False) -> ort.SessionOptions:
+        # Only the first session records the placement (its profiler stops after the first run);
+        # any other session built with the profiler on would keep every run's events in memory.
+        prefix = os.path.join(self._profile_dir, "profile") if profile and self._profile_dir else None
         return session_options(
             threads=threads, optimization=self._graph_optimization, spin=self._spin, profile_prefix=prefix
         )
@@ -186,7 +188,7 @@ class Session:
         threads = self.threads
         if isinstance(streams, int) and streams > 1:
             threads = max(1, (threads or os.cpu_count() or 1) // streams)
-        self.session_options = self._options(threads)
+        self.session_options = self._options(threads, profile=True)
         while True:
             try:
                 self._session = create_session(self.model_path, self.session_options, chain)

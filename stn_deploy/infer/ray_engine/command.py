@@ -47,7 +47,7 @@ def main_ray(ctx: click.Context) -> int:
         threads=p["threads"] or 1,
         provider=p["provider"],
         spin=p["ort_spin"],
-        batch_size=p["batch_size"],
+        batch_size=64 if p["batch_size"] == "auto" else p["batch_size"],  # Ray's blocks: the engine's own default
         top_k=p["top_k"],
         log_probs=p["log_probs"],
         max_pixels=p["max_pixels"],
