@@ -151,6 +151,23 @@ def _slice(graph: ir.Graph, source: ir.Value, starts, ends, axes, name: str, pre
     return ir.Node("", "Slice", [source, *parts], outputs=[ir.Value(name=unique_name(graph, out))], name=name)
 
 
+def _crop_conv_input(graph: ir.Graph, conv: ir.Node, height: int, width: int) -> None:
+    """Make ``conv`` read only the top-left ``height`` × ``width`` of its input (a Slice before it)."""
+    source = conv.inputs[0]
+    crop = _slice(
+        graph,
+        source,
+        [0, 0],
+        [height, width],
+        [2, 3],
+        f"{conv.name}_crop",
+        f"{conv.name}_crop",
+        f"{source.name}_crop{height}x{width}",
+    )
+    graph.insert_before(conv, crop)
+    conv.replace_input_with(0, crop.outputs[0])
+
+
 # -- exact rules ---------------------------------------------------------------------------------
 def _relu_before_maxpool(model: ir.Model) -> int:
     """``MaxPool → Relu`` → ``Relu → MaxPool`` (exact: ReLU is monotonic)."""
@@ -238,20 +255,7 @@ def _crop_unpooled_conv_input(model: ir.Model) -> int:
         read_w = (out_w - kernel[1]) // strides[1] * strides[1] + kernel[1]
         if (read_h, read_w) == (out_h, out_w) or read_h <= 0 or read_w <= 0:
             continue
-        in_h, in_w = read_h + kh - 1, read_w + kw - 1
-        source = conv.inputs[0]
-        crop = _slice(
-            graph,
-            source,
-            [0, 0],
-            [in_h, in_w],
-            [2, 3],
-            f"{conv.name}_crop",
-            f"{conv.name}_crop",
-            f"{source.name}_crop{in_h}x{in_w}",
-        )
-        graph.insert_before(conv, crop)
-        conv.replace_input_with(0, crop.outputs[0])
+        _crop_conv_input(graph, conv, read_h + kh - 1, read_w + kw - 1)
         forget_shapes(n.outputs[0] for n in chain)
         count += 1
     if count:
@@ -314,19 +318,7 @@ def _crop_through_pool(model: ir.Model) -> int:
             continue
         in_h = (h - 1) * strides[0] + kernel[0] + weight.shape[2] - 1
         in_w = (w - 1) * strides[1] + kernel[1] + weight.shape[3] - 1
-        source = conv.inputs[0]
-        slice_in = _slice(
-            graph,
-            source,
-            [0, 0],
-            [in_h, in_w],
-            [2, 3],
-            f"{conv.name}_crop",
-            f"{conv.name}_crop",
-            f"{source.name}_crop{in_h}x{in_w}",
-        )
-        graph.insert_before(conv, slice_in)
-        conv.replace_input_with(0, slice_in.outputs[0])
+        _crop_conv_input(graph, conv, in_h, in_w)
         # The pool now yields exactly h × w: its readers take its output in place of the Slice's.
         forget_shapes([crop.outputs[0], conv.outputs[0], *(n.outputs[0] for n in chain)])
         sliced = crop.outputs[0]
