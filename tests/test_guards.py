@@ -3,6 +3,7 @@ and a GPU session's warm-up batch must agree with the CPU provider's."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -22,6 +23,7 @@ from stn_deploy.runtime import (
     tensorrt_excluded_ops,
 )
 from stn_deploy.runtime import session as session_module
+from stn_deploy.runtime.graph_info import GraphReadError
 from stn_deploy.runtime.guards import FP32_MAX_ABS_DIFF, LOW_PRECISION_MAX_ABS_DIFF
 
 GPU_BUILD = [TENSORRT, CUDA, CPU]
@@ -44,6 +46,15 @@ def test_the_graph_facts_are_read_without_onnx(model_path, cuda_target_model):
 
     proto = onnx.load(str(model_path))
     assert sum(ort_target.op_types.values()) == len(proto.graph.node)
+
+
+def test_the_graph_reader_refuses_a_fifo_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(GraphReadError, match="not a regular file"):
+        read_graph_info(fifo)  # a plain open() would block here until someone wrote to the FIFO
+    with pytest.raises(GraphReadError, match="not a regular file"):
+        read_graph_info(tmp_path)
 
 
 def test_tensorrt_keeps_an_opset_20_gridsample_off_and_takes_an_opset_16_one():

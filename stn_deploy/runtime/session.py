@@ -104,7 +104,8 @@ class Session:
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
-            raise ModelFileError(f"{self.model_path}: no such model file")
+            problem = "not a regular file" if self.model_path.exists() else "no such model file"
+            raise ModelFileError(f"{self.model_path}: {problem}")
         if threads is not None and threads < 0:
             raise ProviderError(f"threads must be >= 0 (0: onnxruntime's default), got {threads}")
         if streams != "auto" and (not isinstance(streams, int) or streams < 1):
