@@ -114,12 +114,17 @@ def test_csv_output_columns_and_stdout_default(tmp_path, model_path):
 
 
 def test_streams_auto_is_reported_in_the_summary_line_and_the_json(tmp_path, model_path):
-    """--streams auto (the default): 2 threads and batches of 64 run on 2 streams; batches of 8 on 1."""
+    """--streams auto (the default): 2 threads and batches of 32 or more run on 2 streams; batches
+    of 8 on 1, and so does a run whose only batch is smaller than 32 (what the summary says is what ran)."""
     images = tmp_path / "images"
-    _write_images(images, n_png=3, n_jpg=2)
+    _write_images(images, n_png=36, n_jpg=4)
     big = _invoke(images, "--model", model_path, "--threads", "2", "-o", tmp_path / "a.csv", "--json")
     assert big.exit_code == 0, big.output
     assert "CPUExecutionProvider, 2 streams)" in big.stderr and json.loads(big.stdout)["streams"] == 2
+    few = tmp_path / "few"
+    _write_images(few, n_png=3, n_jpg=2)
+    one_batch = _invoke(few, "--model", model_path, "--threads", "2", "-o", tmp_path / "d.csv", "--json")
+    assert "CPUExecutionProvider, 1 stream)" in one_batch.stderr and json.loads(one_batch.stdout)["streams"] == 1
     small = _invoke(images, "--model", model_path, "--threads", "2", "-b", "8", "-o", tmp_path / "b.csv", "--json")
     assert "CPUExecutionProvider, 1 stream)" in small.stderr and json.loads(small.stdout)["streams"] == 1
     explicit = _invoke(

@@ -357,7 +357,8 @@ def main(
     summary.skipped_files = listing.skipped
 
     where = "stdout" if output == "-" else output
-    used_streams = session.streams_for(batch_size)  # what "auto" chose for this batch size
+    # What "auto" chose for the largest batch this run had (a run of 3 images ran one batch of 3).
+    used_streams = session.streams_for(min(batch_size, max(1, summary.images)))
     line = (
         f"stn-infer: {summary.ok} ok, {summary.failed} failed of {summary.images} images "
         f"in {summary.seconds:.2f} s ({summary.images_per_s:.0f} img/s, {session.provider}, "
