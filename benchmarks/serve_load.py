@@ -219,7 +219,7 @@ def wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
 
 
 def model_only(session, x32: np.ndarray, seconds: float) -> float:
-    """images/s of Session.run on batches of 32 (the outputs a default tritonclient request gets)."""
+    """images/s of Session.run on batches of ``len(x32)`` (the outputs a default tritonclient request gets)."""
     session.run(x32)
     count = 0
     start = time.perf_counter()
@@ -388,13 +388,16 @@ def main() -> None:
             )
         results["sweep"] = sweep
 
-        pairs = {"on32": [], "off32": [], "on64": [], "model32": []}
+        pairs = {"on32": [], "off32": [], "on64": [], "model32": [], "model1": []}
         for _ in range(args.rounds):
             pairs["on32"].append(wrk(on.infer_url, script, 32, args.seconds))
             pairs["off32"].append(wrk(off.infer_url, script, 32, args.seconds))
             pairs["on64"].append(wrk(on.infer_url, script, 64, args.seconds))
             pairs["model32"].append(model_only(session, x32, args.seconds))
-        best = {k: max(v, key=lambda r: r["ok_per_s"]) if k != "model32" else max(v) for k, v in pairs.items()}
+            # Batch 1 on the same session: model32 / model1 is the most that batching can save in
+            # the model itself, the ceiling of the on/off ratio above.
+            pairs["model1"].append(model_only(session, x32[:1], args.seconds))
+        best = {k: max(v) if k.startswith("model") else max(v, key=lambda r: r["ok_per_s"]) for k, v in pairs.items()}
         results["batching"] = {
             "on_32": best["on32"],
             "off_32": best["off32"],
@@ -405,6 +408,9 @@ def main() -> None:
             "model_only_batch32_images_per_s": best["model32"],
             "ratio": best["on64"]["ok_per_s"] / best["model32"],
             "all_model_only": pairs["model32"],
+            "model_only_batch1_images_per_s": best["model1"],
+            "all_model_only_batch1": pairs["model1"],
+            "batching_ceiling": best["model32"] / best["model1"],
         }
         print(
             f"batching on/off at 32 clients: {best['on32']['ok_per_s']:.0f} / {best['off32']['ok_per_s']:.0f} = "
@@ -414,6 +420,11 @@ def main() -> None:
         print(
             f"served at 64 clients / model-only at batch 32: {best['on64']['ok_per_s']:.0f} / {best['model32']:.0f} = "
             f"{results['model_only']['ratio']:.2f}",
+            file=sys.stderr,
+        )
+        print(
+            f"model-only batch 32 / batch 1 (the batching ceiling): {best['model32']:.0f} / {best['model1']:.0f} = "
+            f"{results['model_only']['batching_ceiling']:.2f}x",
             file=sys.stderr,
         )
 
@@ -456,9 +467,9 @@ def markdown(r: dict) -> str:
         (
             f"stn-serve under load (`benchmarks/serve_load.py`), {m['cpu']}, {m['cores']} cores, onnxruntime "
             f"{m['onnxruntime']}; "
-            f"load average {m['load_average'][0]:.1f} at the start and {m['load_average_end'][0]:.1f} at the end (a "
-            "shared machine: other "
-            f"processes ran too). Server: `stn-serve {' '.join(r['server_args']) or '(defaults)'}` ({r['threads']} "
+            f"load average {m['load_average'][0]:.1f} at the start and {m['load_average_end'][0]:.1f} at the end "
+            "(the run's own server, wrk and hey included). "
+            f"Server: `stn-serve {' '.join(r['server_args']) or '(defaults)'}` ({r['threads']} "
             "ONNX Runtime thread(s), "
             f"{r['streams']} stream(s)); wrk with one thread, {r['seconds_per_run']:g} s per run; each request one "
             "1×3×32×32 FP32 image "
@@ -481,6 +492,11 @@ def markdown(r: dict) -> str:
             f"| batching on ÷ off (`--max-batch-size 1`), 32 clients | {b['on_32']['ok_per_s']:.0f} ÷ "
             f"{b['off_32']['ok_per_s']:.0f} req/s = "
             f"**{b['ratio']:.2f}×** | ≥ 3× | {'yes' if r['targets']['batching_ratio_ge_3'] else 'no'} |"
+        ),
+        (
+            f"| model-only batch 32 ÷ batch 1, same session (what batching can save in the model) | "
+            f"{mo['model_only_batch32_images_per_s']:.0f} ÷ {mo['model_only_batch1_images_per_s']:.0f} img/s = "
+            f"**{mo['batching_ceiling']:.2f}×** | — | — |"
         ),
         (
             f"| served images/s at 64 clients ÷ model-only at batch 32 | {mo['served_64_images_per_s']:.0f} ÷ "
