@@ -268,7 +268,7 @@ def main() -> None:
         "target_ratio": TARGET_RATIO,
         "meets_target": best_same["vs_local"] >= TARGET_RATIO,
         "multinode": mn,
-        "note": "shared machine: other jobs ran at the same time; ratios come from interleaved runs",
+        "note": "ratios come from interleaved runs (the load average is the run's own plus anything else running)",
     }
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
