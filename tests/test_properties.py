@@ -27,6 +27,7 @@ from stn_deploy.infer.rows import Prediction, RowWriter
 from stn_deploy.preprocessing import Preprocessing
 from stn_deploy.train.checkpoint import load_checkpoint
 from stn_deploy.train.model import MAX_PARAMETERS
+from stn_deploy.train.trainer import TrainConfig
 from test_values import resumable  # noqa: F401 - the fixture: a real one-epoch training state
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -308,18 +309,7 @@ RESUME_FIELDS = [
     "seconds",
     "history",
 ]
-RECIPE_FIELDS = [
-    "dataset",
-    "arch",
-    "batch_size",
-    "lr",
-    "optimizer",
-    "warmup",
-    "loc_lr_scale",
-    "clip_grad",
-    "label_smoothing",
-    "seed",
-]
+RECIPE_FIELDS = list(TrainConfig.RECIPE)  # the fields a resumed run must keep
 
 
 @settings(
