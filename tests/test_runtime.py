@@ -218,6 +218,15 @@ def test_io_binding_path_gives_the_same_outputs(model_path):
         np.testing.assert_array_equal(out[name], plain[name])
 
 
+def test_the_warm_up_batch_is_deterministic_and_every_row_differs(model_path):
+    with Session(model_path, "cpu", threads=1, warmup=0, record_placement=False, device_check=False) as session:
+        x = session._warmup_input(8)
+        assert x.shape == (8, 3, 32, 32) and x.dtype == np.float32
+        assert np.array_equal(x, session._warmup_input(8))
+        assert len({row.tobytes() for row in x}) == 8 and x.min() >= -2 and x.max() < 2
+        assert abs(float(x.mean())) < 0.05 and 1.0 < float(x.std()) < 1.3  # spread like normalized pixels
+
+
 def test_session_options_are_applied(model_path):
     session = Session(model_path, "cpu", threads=1, graph_optimization="basic", spin=False, warmup=2, warmup_batch=3)
     opts = session.session_options
