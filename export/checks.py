@@ -40,7 +40,7 @@ def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto
     if path.is_dir():
         raise ModelFileError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
+        raise ModelFileError(f"{path}: {'not a regular file' if path.exists() else 'no such model file'}")
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # noqa: BLE001 - any decode failure means "not an ONNX model"

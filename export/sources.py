@@ -173,6 +173,8 @@ def _load_archive(
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a torch.export archive")
+    if not path.is_file():  # a FIFO or device: reading one would wait for a writer or never end
+        raise CheckpointError(f"{path}: not a regular file")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a torch.export archive (not a zip file)")
     # -- hardening (issue 12): torch.export.load and program.module() run archive text as code

@@ -381,6 +381,25 @@ def test_an_unreadable_model_exits_1_as_the_readme_says(tmp_path):
         assert str(model) in result.stderr
 
 
+def test_a_fifo_given_as_checkpoint_archive_or_model_is_refused_at_once_not_waited_on(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: every reader checks the file first."""
+    fifos = {}
+    for name in ("model.pt", "model.pt2", "model.onnx"):
+        fifos[name] = tmp_path / name
+        os.mkfifo(fifos[name])
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(fifos["model.pt"])
+    for source, extra in (
+        (fifos["model.pt"], []),
+        (fifos["model.pt2"], []),
+        (fifos["model.onnx"], ["--precision", "fp16"]),
+    ):
+        result = CliRunner().invoke(stn_export, [str(source), "-o", str(tmp_path / "out.onnx"), *extra])
+        assert_cli_error(result, 1, "not a regular file")
+    resume = CliRunner().invoke(stn_train, ["--resume", str(fifos["model.pt"]), "--no-progress"])
+    assert_cli_error(resume, 1, "not a regular file")
+
+
 def test_errors_quoting_huge_values_are_cut_to_a_readable_length(tmp_path, checkpoint_path):
     with pytest.raises(PreprocessingError) as exc:
         Preprocessing(mean=["x" * 10**6] * 3)

@@ -236,7 +236,8 @@ def main(
         (fp16_model, "--fp16-model"),
     ):
         if path is not None and not Path(path).is_file():
-            raise ModelFileError(f"{path}: no such file ({flag})")
+            problem = "not a regular file" if Path(path).exists() else "no such file"
+            raise ModelFileError(f"{path}: {problem} ({flag})")
     rounds = min(rounds, iterations)
     if streams != "auto" and streams > threads:
         raise BenchOptionError(f"{streams} streams need at least {streams} threads (--threads {threads})")
