@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from stn_deploy.infer.cli import EXIT_SOME_FAILED, main
+from stn_deploy.infer.rows import rate_text
 from stn_deploy.preprocessing import Preprocessing
 
 torch = pytest.importorskip("torch")
@@ -454,3 +455,7 @@ def test_ctrl_c_with_the_process_pool_prints_no_worker_tracebacks(tmp_path, mode
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err, err
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_the_summary_rate_keeps_two_digits_below_ten_images_per_second():
+    assert [rate_text(x) for x in (0.1747, 1.0, 6153.2)] == ["0.17", "1", "6153"]

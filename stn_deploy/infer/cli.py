@@ -31,7 +31,7 @@ from .pipeline import (
     mean_file_size,
     run_inference,
 )
-from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format
+from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format, rate_text
 
 HELP = f"""Classify every image under IMAGES (a directory, searched recursively, or one file).
 
@@ -361,7 +361,7 @@ def main(
     used_streams = session.streams_for(min(batch_size, max(1, summary.images)))
     line = (
         f"stn-infer: {summary.ok} ok, {summary.failed} failed of {summary.images} images "
-        f"in {summary.seconds:.2f} s ({summary.images_per_s:.0f} img/s, {session.provider}, "
+        f"in {summary.seconds:.2f} s ({rate_text(summary.images_per_s)} img/s, {session.provider}, "
         f"{used_streams} stream{'s' if used_streams > 1 else ''}) -> {where}"
     )
     if listing.skipped_dir_links:

@@ -12,6 +12,7 @@ import click
 
 from stn_deploy.console import to_json
 from stn_deploy.infer.exits import EXIT_OK, EXIT_SOME_FAILED, InferUsageError
+from stn_deploy.infer.rows import rate_text
 
 from .job import RayOptions, infer_on_ray
 
@@ -86,7 +87,7 @@ def _run_command(
     where = "stdout" if output == "-" else output
     line = (
         f"stn-infer: {summary.ok} ok, {summary.failed} failed of {summary.images} images "
-        f"in {summary.seconds:.2f} s ({summary.images_per_s:.0f} img/s, {summary.provider}) -> {where}"
+        f"in {summary.seconds:.2f} s ({rate_text(summary.images_per_s)} img/s, {summary.provider}) -> {where}"
     )
     click.echo(line, err=True)
     if as_json:
