@@ -236,22 +236,7 @@ def test_variants_beside_the_model_are_found(exported, int8_file, tmp_path):
     _, onnx_path = exported
     model = tmp_path / "stn.onnx"
     shutil.copy(onnx_path, model)
-    args = [
-        "--model",
-        str(model),
-        "--batch-sizes",
-        "1",
-        "--iterations",
-        "1",
-        "--inputs",
-        "random",
-        "--settle-ms",
-        "0",
-        "-q",
-        "--json",
-        "--backends",
-        "ort-cpu-int8",
-    ]
+    args = _quick(model, "--json", "--backends", "ort-cpu-int8")
     alone = json.loads(CliRunner().invoke(main, args).stdout)
     int8_row = next(b for b in alone["backends"] if b["name"] == "ort-cpu-int8")
     assert int8_row["status"] == "skipped" and "no stn.int8.onnx beside --model" in int8_row["reason"]
@@ -273,6 +258,13 @@ def test_rows_are_named_by_what_the_file_is_not_by_the_flag(exported, int8_file)
     assert [b.status for b in dup] == ["pending", "skipped"] and "already in the table" in dup[1].reason
 
 
+def _quick(model, *extra: str, batch_sizes: str = "1", inputs: str | None = "random") -> list[str]:
+    """stn-bench arguments for a run of seconds: one timed call per cell, no pause between turns."""
+    args = ["--model", str(model), "--batch-sizes", batch_sizes, "--iterations", "1"]
+    args += ["--inputs", inputs] if inputs else []
+    return [*args, "--settle-ms", "0", "-q", *extra]
+
+
 def _with_metadata(src, dst, **props):
     import onnx
 
@@ -291,20 +283,7 @@ def test_the_model_file_never_chooses_what_stn_bench_reads(exported, tmp_path):
     (trap / "a").mkdir(parents=True)
     (trap / "a" / "x.png").write_bytes(b"not read")
     model = _with_metadata(onnx_path, tmp_path / "m.onnx", **{md.DATASET: f"imagefolder:{trap}"})
-    args = [
-        "--model",
-        str(model),
-        "--batch-sizes",
-        "1",
-        "--iterations",
-        "1",
-        "--settle-ms",
-        "0",
-        "-q",
-        "--json",
-        "--backends",
-        "ort-cpu-fp32",
-    ]
+    args = _quick(model, "--json", "--backends", "ort-cpu-fp32", inputs=None)  # --inputs auto
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["inputs"] == "random"
@@ -319,24 +298,7 @@ def test_a_backend_that_returns_nan_fails_instead_of_agreeing(exported, tmp_path
         return np.full_like(out, np.nan) if self.name == "ort-cpu-fp32" else out
 
     monkeypatch.setattr(OrtRunner, "infer", nan_infer)
-    args = [
-        "--model",
-        str(onnx_path),
-        "--checkpoint",
-        str(ckpt),
-        "--batch-sizes",
-        "1",
-        "--iterations",
-        "1",
-        "--inputs",
-        "random",
-        "--settle-ms",
-        "0",
-        "-q",
-        "--json",
-        "--backends",
-        "ort-cpu-fp32",
-    ]
+    args = _quick(onnx_path, "--checkpoint", str(ckpt), "--json", "--backends", "ort-cpu-fp32")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)
@@ -390,21 +352,7 @@ def test_excluded_int8_rows_are_not_announced(exported, int8_file, tmp_path):
     model = tmp_path / "stn.onnx"
     shutil.copy(onnx_path, model)
     shutil.copy(int8_file, tmp_path / "stn.int8.onnx")
-    args = [
-        "--model",
-        str(model),
-        "--batch-sizes",
-        "1",
-        "--iterations",
-        "1",
-        "--inputs",
-        "random",
-        "--settle-ms",
-        "0",
-        "-q",
-        "--backends",
-        "ort-cpu-fp32",
-    ]
+    args = _quick(model, "--backends", "ort-cpu-fp32")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "int8 rows read" not in result.stderr and "ort-cpu-int8" not in result.stdout
@@ -435,24 +383,7 @@ def test_inputs_auto_falls_back_to_random_without_torch(exported, monkeypatch):
 
 def test_streams_auto_rows_say_what_ran_at_each_batch_size(exported):
     _, onnx_path = exported
-    args = [
-        "--model",
-        str(onnx_path),
-        "--batch-sizes",
-        "1,64",
-        "--threads",
-        "2",
-        "--iterations",
-        "1",
-        "--inputs",
-        "random",
-        "--settle-ms",
-        "0",
-        "-q",
-        "--json",
-        "--backends",
-        "ort-cpu-fp32",
-    ]
+    args = _quick(onnx_path, "--threads", "2", "--json", "--backends", "ort-cpu-fp32", batch_sizes="1,64")
     report = json.loads(CliRunner().invoke(main, args).stdout)
     assert report["streams"] == "auto"
     assert {r["batch_size"]: r["streams"] for r in report["results"] if r["backend"] == "ort-cpu-fp32"} == {1: 1, 64: 2}
