@@ -25,9 +25,9 @@ from stn_deploy import metadata as md
 from stn_deploy.errors import CheckpointError, StnDeployError
 from stn_deploy.infer.rows import Prediction, RowWriter
 from stn_deploy.preprocessing import Preprocessing
+from stn_deploy.train import trainer
 from stn_deploy.train.checkpoint import load_checkpoint
 from stn_deploy.train.model import MAX_PARAMETERS
-from stn_deploy.train.trainer import TrainConfig
 from test_values import resumable  # noqa: F401 - the fixture: a real one-epoch training state
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -296,20 +296,8 @@ def test_any_text_becomes_utf8_and_csv_escapes_undo(value):
 
 # -- --resume state -------------------------------------------------------------------------------
 
-RESUME_FIELDS = [
-    "epoch",
-    "epochs",
-    "recipe",
-    "model_config",
-    "optimizer",
-    "last_state_dict",
-    "best_state_dict",
-    "best_accuracy",
-    "best_epoch",
-    "seconds",
-    "history",
-]
-RECIPE_FIELDS = list(TrainConfig.RECIPE)  # the fields a resumed run must keep
+RESUME_FIELDS = [*trainer.RESUME_FIELDS, "epochs"]  # every field of the state, the optional one too
+RECIPE_FIELDS = list(trainer.TrainConfig.RECIPE)  # the fields a resumed run must keep
 
 
 @settings(
@@ -317,8 +305,6 @@ RECIPE_FIELDS = list(TrainConfig.RECIPE)  # the fields a resumed run must keep
 )
 @given(data=st.data())
 def test_any_resume_state_is_usable_or_a_one_line_checkpoint_error(resumable, data):  # noqa: F811
-    from stn_deploy.train.trainer import read_resume_state
-
     payload = torch.load(resumable, weights_only=True)
     state = payload["train_state"]
     mutate = data.draw(st.integers(0, 3)) > 0
@@ -331,7 +317,7 @@ def test_any_resume_state_is_usable_or_a_one_line_checkpoint_error(resumable, da
         path = Path(tmp) / "run.pt"
         torch.save(payload, path)
         try:
-            read_resume_state(path)
+            trainer.read_resume_state(path)
         except CheckpointError as exc:
             assert "\n" not in str(exc) and len(str(exc)) < 700
             event("refused")

@@ -344,23 +344,27 @@ def train(
     )
 
 
+# The training state a checkpoint must hold to be resumed ("epochs", the run's total, is optional:
+# without it a resumed run takes --epochs).
+RESUME_FIELDS = (
+    "epoch",
+    "recipe",
+    "model_config",
+    "optimizer",
+    "last_state_dict",
+    "best_state_dict",
+    "best_accuracy",
+    "best_epoch",
+    "seconds",
+    "history",
+)
+
+
 def read_resume_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The training state stored in a checkpoint written by :func:`train`."""
     ckpt = load_checkpoint(path)  # CheckpointError (one line) for anything that is not one
     state = ckpt.train_state
-    needed = (
-        "epoch",
-        "recipe",
-        "model_config",
-        "optimizer",
-        "last_state_dict",
-        "best_state_dict",
-        "best_accuracy",
-        "best_epoch",
-        "seconds",
-        "history",
-    )
-    missing = [k for k in needed if k not in state]
+    missing = [k for k in RESUME_FIELDS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: cannot resume, the checkpoint has no training state ({', '.join(missing)})")
     # -- hardening (issue 12): every field of the state is checked before training starts
