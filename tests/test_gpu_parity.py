@@ -119,29 +119,21 @@ def test_placement_verdict_names_where_gridsample_ran_and_what_fell_back(gp):
     assert v["gridsample_on"] == [cuda] and v["all_compute_on_provider"] is True
 
 
+def _check_args(models, ckpt, out, *, random: int, extreme: int, batches: str, extra=()) -> list[str]:
+    """``gpu_parity.py check`` on the CPU provider with random and extreme-θ inputs only (no dataset)."""
+    return [
+        "check",
+        *map(str, models),
+        *("--checkpoint", str(ckpt), "--provider", "cpu", "--dataset-count", "0"),
+        *("--random", str(random), "--extreme", str(extreme), "--batches", batches, "--json", str(out)),
+        *extra,
+    ]
+
+
 def test_check_measures_placement_and_parity_of_a_real_model_on_the_cpu_provider(gp, exported, tmp_path):
     ckpt, model = exported
     out, placement = tmp_path / "parity.json", tmp_path / "placement.json"
-    args = [
-        "check",
-        str(model),
-        "--checkpoint",
-        str(ckpt),
-        "--provider",
-        "cpu",
-        "--random",
-        "9",
-        "--dataset-count",
-        "0",
-        "--extreme",
-        "8",
-        "--batches",
-        "1,7",
-        "--json",
-        str(out),
-        "--placement",
-        str(placement),
-    ]
+    args = _check_args([model], ckpt, out, random=9, extreme=8, batches="1,7", extra=["--placement", str(placement)])
     assert gp.main(args) == 0
     report = json.loads(out.read_text())
     assert report["references"] == ["torch-cpu"] and report["inputs"] == {"random": 9}
@@ -163,25 +155,7 @@ def test_check_records_a_broken_model_and_goes_on(gp, exported, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file")
     out = tmp_path / "parity.json"
-    args = [
-        "check",
-        str(bad),
-        str(model),
-        "--checkpoint",
-        str(ckpt),
-        "--provider",
-        "cpu",
-        "--random",
-        "2",
-        "--dataset-count",
-        "0",
-        "--extreme",
-        "0",
-        "--batches",
-        "1",
-        "--json",
-        str(out),
-    ]
+    args = _check_args([bad, model], ckpt, out, random=2, extreme=0, batches="1")
     assert gp.main(args) == 1
     first, second = json.loads(out.read_text())["models"]
     assert first["model"] == str(bad) and "error" in first
@@ -310,24 +284,7 @@ def test_a_failing_diagnostic_session_leaves_the_main_comparison(gp, exported, t
 
     monkeypatch.setattr(gp, "raw_session", broken)
     out = tmp_path / "parity.json"
-    args = [
-        "check",
-        str(model),
-        "--checkpoint",
-        str(ckpt),
-        "--provider",
-        "cpu",
-        "--random",
-        "8",
-        "--dataset-count",
-        "0",
-        "--extreme",
-        "8",
-        "--batches",
-        "1,7",
-        "--json",
-        str(out),
-    ]
+    args = _check_args([model], ckpt, out, random=8, extreme=8, batches="1,7")
     assert gp.main(args) == 0
     (m,) = json.loads(out.read_text())["models"]
     assert m["extreme_theta"] == "failed: RuntimeError: no such provider option"
@@ -344,24 +301,7 @@ def test_a_gpu_reference_that_cannot_start_is_recorded_and_the_cpu_one_goes_on(g
     ckpt, model = exported
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "parity.json"
-    args = [
-        "check",
-        str(model),
-        "--checkpoint",
-        str(ckpt),
-        "--provider",
-        "cpu",
-        "--random",
-        "8",
-        "--dataset-count",
-        "0",
-        "--extreme",
-        "0",
-        "--batches",
-        "8",
-        "--json",
-        str(out),
-    ]
+    args = _check_args([model], ckpt, out, random=8, extreme=0, batches="8")
     assert gp.main(args) == 0
     report = json.loads(out.read_text())
     assert report["references"] == ["torch-cpu"] and set(report["reference_errors"]) == {
