@@ -14,6 +14,7 @@ import onnx.checker
 import onnx.shape_inference
 
 from stn_deploy.errors import ModelFileError, one_line
+from stn_deploy.fileio import input_file_problem
 
 from .report import CheckResult
 
@@ -37,10 +38,8 @@ class TensorSpec:
 
 def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
     """The ONNX model in ``path``; a missing or undecodable file is a one-line :class:`ModelFileError`."""
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a directory, not an ONNX file")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: {'not a regular file' if path.exists() else 'no such model file'}")
+    if problem := input_file_problem(path, missing="no such model file", directory="is a directory, not an ONNX file"):
+        raise ModelFileError(f"{path}: {problem}")
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # noqa: BLE001 - any decode failure means "not an ONNX model"

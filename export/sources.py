@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from stn_deploy.errors import CheckpointError, StnDeployError, one_line
+from stn_deploy.fileio import input_file_problem
 from stn_deploy.metadata import LOG_PROBS, THETA, WARPED
 from stn_deploy.preprocessing import Preprocessing
 from stn_deploy.train.checkpoint import Checkpoint, file_sha256, load_checkpoint
@@ -169,12 +170,8 @@ def load_source(
 def _load_archive(
     path: Path, preprocessing: Preprocessing | dict | None, class_names: list[str] | None, trust_archive: bool = False
 ) -> ExportSource:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a torch.export archive")
-    if not path.is_file():  # a FIFO or device: reading one would wait for a writer or never end
-        raise CheckpointError(f"{path}: not a regular file")
+    if problem := input_file_problem(path, directory="is a directory, not a torch.export archive"):
+        raise CheckpointError(f"{path}: {problem}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a torch.export archive (not a zip file)")
     # -- hardening (issue 12): torch.export.load and program.module() run archive text as code

@@ -43,8 +43,10 @@ import onnx
 
 from stn_deploy import metadata as md
 from stn_deploy.console import report_errors
-from stn_deploy.errors import ModelFileError, StnDeployError
+from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import atomic_path, atomic_write_text
+
+from .checks import load_onnx
 
 VERSION = "1"
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -208,12 +210,7 @@ def write_triton_repo(
         )
     if max_batch_size < 1 or instance_count < 1 or max_queue_delay_us < 0:
         raise TritonRepoError("max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0")
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except FileNotFoundError:
-        raise ModelFileError(f"{model_path}: no such model file") from None
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a file that is not a model
-        raise ModelFileError(f"{model_path}: not an ONNX model ({type(exc).__name__})") from None
+    model = load_onnx(Path(model_path), load_external_data=False)  # one-line ModelFileError when unusable
     text = config_text(
         model,
         name,

@@ -1,4 +1,6 @@
-"""Atomic file output: a reader sees either the old file, the complete new file, or nothing.
+"""Files on disk: atomic output, and the check every input file passes before it is opened.
+
+Output is atomic: a reader sees either the old file, the complete new file, or nothing.
 
 Only a regular file (or a new path) is replaced. ``-o`` naming anything else is written the
 way a plain ``open()`` would write it, never turned into a regular file:
@@ -62,6 +64,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def input_file_problem(
+    path: str | os.PathLike[str], *, missing: str = "no such file", directory: str = "is a directory"
+) -> str | None:
+    """Why ``path`` cannot be read as an input file (``missing``, ``directory`` or "not a regular
+    file"), or None for a regular file. Every reader of a model, checkpoint or archive asks this
+    before opening: opening a FIFO for reading waits for a writer forever, and a device may never end."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if not path.exists():
+        return missing
+    return directory if path.is_dir() else "not a regular file"
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:

@@ -22,8 +22,9 @@ from click.testing import CliRunner
 
 from helpers import assert_cli_error
 from stn_deploy.console import report_errors, to_json
-from stn_deploy.errors import CheckpointError, PreprocessingError, StnDeployError, shorten
+from stn_deploy.errors import CheckpointError, ModelFileError, PreprocessingError, StnDeployError, shorten
 from stn_deploy.export.cli import main as stn_export
+from stn_deploy.export.triton_repo import write_triton_repo
 from stn_deploy.infer.cli import main as stn_infer
 from stn_deploy.infer.rows import Prediction, RowWriter
 from stn_deploy.preprocessing import Preprocessing
@@ -382,7 +383,8 @@ def test_an_unreadable_model_exits_1_as_the_readme_says(tmp_path):
 
 
 def test_a_fifo_given_as_checkpoint_archive_or_model_is_refused_at_once_not_waited_on(tmp_path):
-    """Opening a FIFO for reading blocks until a writer comes: every reader checks the file first."""
+    """Opening a FIFO for reading blocks until a writer comes: every reader checks the file first
+    (fileio.input_file_problem)."""
     fifos = {}
     for name in ("model.pt", "model.pt2", "model.onnx"):
         fifos[name] = tmp_path / name
@@ -398,6 +400,8 @@ def test_a_fifo_given_as_checkpoint_archive_or_model_is_refused_at_once_not_wait
         assert_cli_error(result, 1, "not a regular file")
     resume = CliRunner().invoke(stn_train, ["--resume", str(fifos["model.pt"]), "--no-progress"])
     assert_cli_error(resume, 1, "not a regular file")
+    with pytest.raises(ModelFileError, match="not a regular file"):
+        write_triton_repo(fifos["model.onnx"], tmp_path / "models")
 
 
 def test_errors_quoting_huge_values_are_cut_to_a_readable_length(tmp_path, checkpoint_path):

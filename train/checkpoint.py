@@ -18,7 +18,7 @@ import torch
 
 from stn_deploy import __version__, fields
 from stn_deploy.errors import CheckpointError, clip
-from stn_deploy.fileio import atomic_path
+from stn_deploy.fileio import atomic_path, input_file_problem
 from stn_deploy.preprocessing import Preprocessing
 
 from .model import STNClassifier, STNConfig
@@ -104,12 +104,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     not a checkpoint, or a pickle whose unpickling would import or call code.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if not path.is_file():  # a FIFO or device: reading one would wait for a writer or never end
-        raise CheckpointError(f"{path}: not a regular file")
+    if problem := input_file_problem(path, directory="is a directory, not a checkpoint file"):
+        raise CheckpointError(f"{path}: {problem}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"

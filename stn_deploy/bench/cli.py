@@ -10,6 +10,7 @@ import click
 from stn_deploy import metadata as md
 from stn_deploy.console import STREAMS, report_errors, to_json
 from stn_deploy.errors import ModelFileError, StnDeployError
+from stn_deploy.fileio import input_file_problem
 from stn_deploy.runtime import Session
 
 from .measure import DEFAULT_REWARM_MS, DEFAULT_SETTLE_MS, Backend, make_inputs, run_benchmark
@@ -235,8 +236,7 @@ def main(
         (openvino_int8_model, "--openvino-int8-model"),
         (fp16_model, "--fp16-model"),
     ):
-        if path is not None and not Path(path).is_file():
-            problem = "not a regular file" if Path(path).exists() else "no such file"
+        if path is not None and (problem := input_file_problem(path)):
             raise ModelFileError(f"{path}: {problem} ({flag})")
     rounds = min(rounds, iterations)
     if streams != "auto" and streams > threads:

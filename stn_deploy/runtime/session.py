@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from stn_deploy import metadata as md
 from stn_deploy.errors import ModelFileError, ProviderError
+from stn_deploy.fileio import input_file_problem
 from stn_deploy.metadata import ModelMetadata
 from stn_deploy.preprocessing import Preprocessing
 
@@ -103,8 +104,7 @@ class Session:
         device_check: bool = True,
     ) -> None:
         self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            problem = "not a regular file" if self.model_path.exists() else "no such model file"
+        if problem := input_file_problem(self.model_path, missing="no such model file"):
             raise ModelFileError(f"{self.model_path}: {problem}")
         if threads is not None and threads < 0:
             raise ProviderError(f"threads must be >= 0 (0: onnxruntime's default), got {threads}")
