@@ -227,7 +227,7 @@ other error (unreadable model, unavailable provider, --strict-placement violated
     help="Print the run summary (counts, throughput, providers, placement) as JSON on stdout.",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-# -- --engine ray (stn_deploy/infer/ray_engine.py) --
+# -- --engine ray (stn_deploy/infer/ray_engine/) --
 @click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),

@@ -163,7 +163,7 @@ class RowWriter:
 def rate_text(images_per_s: float) -> str:
     """The summary line's images/s: whole numbers, but two digits below 10 (a Ray job of one image
     in 6 s is 0.17 img/s, not "0")."""
-    return f"{images_per_s:.0f}" if images_per_s >= 10 or images_per_s != images_per_s else f"{images_per_s:.2g}"
+    return f"{images_per_s:.2g}" if images_per_s < 10 else f"{images_per_s:.0f}"  # NaN (no time) prints nan
 
 
 @contextlib.contextmanager
