@@ -28,7 +28,7 @@ from stn_deploy.decoders import DecodeSpec
 from stn_deploy.errors import StnDeployError, one_line
 from stn_deploy.images import DEFAULT_MAX_PIXELS, DecodedBatch
 from stn_deploy.preprocessing import Preprocessing
-from stn_deploy.runtime import Session
+from stn_deploy.runtime import Session, read_graph_info
 from stn_deploy.visualize import save_warp_grid
 
 from .rows import Prediction, RowWriter, predictions_for
@@ -45,11 +45,9 @@ FALLBACK_BATCH = 64  # when the model's input size cannot be read before the ses
 
 def auto_batch_size(model: Path) -> int:
     """``--batch-size auto`` for ``model``: from its input size in the metadata, read without a session."""
-    from stn_deploy.runtime import read_graph_info  # the runtime layer below the app: a graph read, no session
-
     try:
         pre = Preprocessing.from_json(read_graph_info(model).metadata[md.PREPROCESSING])
-    except Exception:  # noqa: BLE001 - an unreadable model: the session reports it in its own words
+    except (OSError, KeyError, ValueError, StnDeployError):  # unreadable: the session says why in its own words
         return FALLBACK_BATCH
     per_image = 4 * int(np.prod(pre.input_shape))
     return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_BYTES // per_image))
