@@ -106,6 +106,8 @@ class RowWriter:
         self.theta = theta
         self.log_probs = log_probs
         self.class_names = list(class_names)
+        self._label_cells = {name: cells.csv_text_cell(name) for name in self.class_names}
+        self._names_safe = all(cells.text(name) == name for name in self.class_names)
         if fmt == "csv":
             stream.write(cells.csv_line([cells.csv_text(c) for c in self.columns()]))
 
@@ -122,40 +124,55 @@ class RowWriter:
 
     def write(self, rows: Sequence[Prediction]) -> None:
         if self.fmt == "csv":
-            out = []
-            for r in rows:
-                line: list[str] = [
-                    cells.csv_text(r.path),
-                    "" if r.label is None else cells.csv_text(r.label),
-                    cells.csv_number(r.index),
-                    cells.csv_number(r.confidence),
-                ]
-                for i in range(self.k):
-                    top = r.top_k[i] if i < len(r.top_k) else None
-                    line += [cells.csv_text(top[0]), cells.csv_number(top[1])] if top is not None else ["", ""]
-                if self.theta:
-                    line += [cells.csv_number(v) for v in (r.theta if r.theta is not None else [None] * 6)]
-                if self.log_probs:
-                    values = r.log_probs if r.log_probs is not None else [None] * len(self.class_names)
-                    line += [cells.csv_number(v) for v in values]
-                line.append(cells.csv_text(r.error) if r.error else "")
-                out.append(cells.csv_line(line))
-            self.stream.write("".join(out))
+            self.stream.write("".join(self._csv_record(r) for r in rows))
         else:
-            for r in rows:
-                obj: dict[str, Any] = {
-                    "path": r.path,
-                    "label": r.label,
-                    "index": r.index,
-                    "confidence": r.confidence,
-                    "top_k": [{"label": lab, "prob": p} for lab, p in r.top_k],
-                }
-                if self.theta:
-                    obj["theta"] = r.theta
-                if self.log_probs:
-                    obj["log_probs"] = r.log_probs
-                obj["error"] = r.error
-                self.stream.write(json.dumps(cells.json_safe(obj), allow_nan=False) + "\n")
+            self.stream.write("".join(self._json_record(r) for r in rows))
+
+    def _label_cell(self, label: str) -> str:
+        # Class names repeat on every row: their cells are made once (cells.csv_text_cell).
+        cell = self._label_cells.get(label)
+        return cell if cell is not None else cells.csv_text_cell(label)
+
+    def _csv_record(self, r: Prediction) -> str:
+        number = cells.csv_number  # number cells never need quoting; text cells come quoted
+        line = [
+            cells.csv_text_cell(r.path),
+            "" if r.label is None else self._label_cell(r.label),
+            number(r.index),
+            number(r.confidence),
+        ]
+        for i in range(self.k):
+            top = r.top_k[i] if i < len(r.top_k) else None
+            line += [self._label_cell(top[0]), number(top[1])] if top is not None else ["", ""]
+        if self.theta:
+            line += [number(v) for v in (r.theta if r.theta is not None else [None] * 6)]
+        if self.log_probs:
+            values = r.log_probs if r.log_probs is not None else [None] * len(self.class_names)
+            line += [number(v) for v in values]
+        line.append(cells.csv_text_cell(r.error) if r.error else "")
+        return ",".join(line) + "\n"
+
+    def _json_record(self, r: Prediction) -> str:
+        obj: dict[str, Any] = {
+            "path": cells.text(r.path),
+            "label": r.label,
+            "index": r.index,
+            "confidence": r.confidence,
+            "top_k": [{"label": lab, "prob": p} for lab, p in r.top_k],
+        }
+        if self.theta:
+            obj["theta"] = r.theta
+        if self.log_probs:
+            obj["log_probs"] = r.log_probs
+        obj["error"] = r.error
+        known = self._label_cells
+        if r.error is None and self._names_safe and all(lab in known for lab, _ in r.top_k):
+            # the usual row: every text already UTF-8-safe, so only a non-finite number needs json_safe
+            try:
+                return json.dumps(obj, allow_nan=False) + "\n"
+            except ValueError:  # a NaN or an infinity: json_safe writes it as null
+                pass
+        return json.dumps(cells.json_safe(obj), allow_nan=False) + "\n"
 
     # -- end hardening
 
