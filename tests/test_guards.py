@@ -15,6 +15,7 @@ from stn_deploy.runtime import (
     CUDA,
     TENSORRT,
     GraphInfo,
+    ProviderConfig,
     Session,
     compare_devices,
     providers,
@@ -132,6 +133,39 @@ def test_a_gpu_session_that_disagrees_with_the_cpu_is_refused(model_path, monkey
     assert "max |Δ log-prob| 0.01" in msg and "--no-device-check" in msg and "\n" not in msg
     monkeypatch.setattr(session, "run", real_run)
     assert session._check_device(4).passed  # the same provider path without the drift passes
+
+
+def test_a_gpu_session_asked_for_tf32_or_tensorrt_fp16_is_checked_with_the_reduced_precision_bound(
+    model_path, monkeypatch
+):
+    """--cuda-tf32 and --trt-fp16 lower an fp32 file's math on purpose (TF32 moved the digits
+    model's log-probs by up to 3.5e-3 on an H200): the check then uses fp16's bound instead of
+    refusing the session the user asked for, and still refuses a gross disagreement."""
+    session = Session(model_path, "cpu", threads=1)
+    assert session.compute_precision == session.precision == "fp32"  # the CPU computes what the file holds
+    monkeypatch.setattr(session, "device", "cuda")
+    real_run = session.run
+    drift = 10 * FP32_MAX_ABS_DIFF  # over fp32's bound, inside fp16's
+    monkeypatch.setattr(session, "run", lambda x, names=None: {k: v + drift for k, v in real_run(x, names).items()})
+    for providers_, config, expected in (
+        ([CUDA, CPU], ProviderConfig(cuda_tf32=True), "tf32"),
+        ([TENSORRT, CUDA, CPU], ProviderConfig(trt_fp16=True), "fp16"),
+        ([CUDA, CPU], ProviderConfig(), "fp32"),
+    ):
+        monkeypatch.setattr(session, "providers", providers_)
+        monkeypatch.setattr(session, "provider_config", config)
+        assert session.compute_precision == expected
+        if expected == "fp32":
+            with pytest.raises(ProviderError, match=r"\(fp32\)"):
+                session._check_device(4)
+        else:
+            check = session._check_device(4)
+            assert check.passed and check.precision == expected and check.bound == LOW_PRECISION_MAX_ABS_DIFF
+    monkeypatch.setattr(session, "providers", [CUDA, CPU])
+    monkeypatch.setattr(session, "provider_config", ProviderConfig(cuda_tf32=True))
+    monkeypatch.setattr(session, "run", lambda x, names=None: {k: v + 1.0 for k, v in real_run(x, names).items()})
+    with pytest.raises(ProviderError, match=r"\(tf32\)"):
+        session._check_device(4)  # a gross error (a wrong sampling mode) is refused under TF32 too
 
 
 def test_cpu_sessions_do_not_run_the_device_check(model_path):

@@ -294,8 +294,8 @@ class Session:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return DeviceCheck(self.provider, self.graph.precision, 0, 0.0, 0, 0.0)
-        check = compare_devices(self.provider, self.graph.precision, got, want)
+            return DeviceCheck(self.provider, self.compute_precision, 0, 0.0, 0, 0.0)
+        check = compare_devices(self.provider, self.compute_precision, got, want)
         if not check.passed:
             raise ProviderError(
                 f"{self.model_path}: device check failed: {check.describe()} "
@@ -321,6 +321,22 @@ class Session:
     def provider(self) -> str:
         """The provider that runs the model's nodes first (``CPUExecutionProvider`` on CPU)."""
         return self.providers[0]
+
+    @property
+    def compute_precision(self) -> str:
+        """The precision the provider computes in: the file's, unless a provider option lowers an
+        fp32 file's math on the GPU: TensorRT's fp16 kernels (``fp16``) or CUDA's TF32
+        (``tf32``: 10-bit mantissas in convolutions and matmuls; on an H200 the digits model's
+        log-probs moved by up to 3.5e-3, benchmarks/GPU.md). The device check's bound follows it,
+        so a session the user asked to run in reduced precision is not refused for doing so."""
+        precision = self.graph.precision
+        if precision != "fp32" or self.device != "cuda":
+            return precision
+        if self.provider == TENSORRT and self.provider_config.trt_fp16:
+            return "fp16"
+        if self.provider_config.cuda_tf32:
+            return "tf32"
+        return precision
 
     @property
     def precision(self) -> str:
