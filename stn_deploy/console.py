@@ -7,8 +7,9 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -109,6 +110,63 @@ class AutoOrCount(click.ParamType):
 
 STREAMS = AutoOrCount()
 BATCH = AutoOrCount()
+
+DEVICE_CHECK_HELP = (
+    "On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
+    "disagree (fp32: max |Δ| 1e-3 and identical top-1; fp16, int8, --cuda-tf32 and --trt-fp16: fp16's "
+    "bound, 5e-2)."
+)
+
+
+def provider_options(providers: Sequence[str]) -> Callable[[F], F]:
+    """``--provider`` and the GPU options of a command that runs a ``Session`` (stn-infer,
+    stn-serve), spelled and explained the same way in each. ``providers`` is
+    ``stn_deploy.runtime.PROVIDERS`` (the core layer does not import the runtime). The command
+    receives ``provider``, ``device_id``, ``trt_fp16``, ``cuda_tf32``, ``trt_engine_cache``,
+    ``device_check`` and ``strict_placement``."""
+    options = [
+        click.option(
+            "--provider",
+            "-p",
+            type=click.Choice(list(providers)),
+            default="auto",
+            show_default=True,
+            help="Execution provider; auto = TensorRT, else CUDA, else CPU.",
+        ),
+        click.option(
+            "--device-id",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="GPU ordinal for cuda/tensorrt.",
+        ),
+        click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels."),
+        click.option(
+            "--cuda-tf32",
+            is_flag=True,
+            help="CUDA: let fp32 convolutions and matmuls use TF32 (faster on Ampere and later; log-probs move by "
+            "~1e-3). Off by default: an fp32 model computes in fp32.",
+        ),
+        click.option(
+            "--trt-engine-cache",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="TensorRT: engine/timing cache directory.",
+        ),
+        click.option("--device-check/--no-device-check", default=True, show_default=True, help=DEVICE_CHECK_HELP),
+        click.option(
+            "--strict-placement",
+            is_flag=True,
+            help="Fail (instead of warn) when a GPU provider leaves compute nodes on the CPU.",
+        ),
+    ]
+
+    def decorate(fn: F) -> F:
+        for option in reversed(options):  # click lists options in the order they are written
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 def to_json(obj: Any) -> str:

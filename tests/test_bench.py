@@ -121,6 +121,19 @@ def test_openvino_int8_row_reads_its_own_model_when_given(tmp_path):
     assert missing.model is None and "--openvino-int8-model" in _load_reason(missing)  # skipped with its reason
 
 
+def test_no_device_check_reaches_every_gpu_row_and_the_check_is_on_by_default(tmp_path):
+    fp32 = tmp_path / "m.onnx"
+    for flag, expected in ((True, True), (False, False)):
+        gpu_rows = [
+            b.runner
+            for b in plan_backends(fp32, None, None, None, 2, device_check=flag)
+            if isinstance(b.runner, OrtRunner) and b.runner.device == "cuda"
+        ]
+        assert len(gpu_rows) == 5 and all(r.device_check is expected for r in gpu_rows)
+    option = next(p for p in main.params if p.name == "device_check")
+    assert option.default is True and "--no-device-check" in option.secondary_opts
+
+
 def test_streams_rows_twin_the_cpu_rows(exported, int8_file, tmp_path):
     ckpt, onnx_path = exported
     plan = plan_backends(onnx_path, None, int8_file, None, 2, streams=2)

@@ -35,6 +35,41 @@ def test_help_lists_the_endpoints_and_the_exit_codes():
         assert text in result.output
 
 
+GPU_OPTIONS = ("--provider", "--device-id", "--trt-fp16", "--cuda-tf32", "--trt-engine-cache", "--device-check")
+
+
+def test_the_provider_and_gpu_options_are_stn_infers_word_for_word():
+    from stn_deploy.infer.cli import main as infer_main
+
+    def options(command) -> dict[str, tuple]:
+        return {o: (p.name, p.help, p.default) for p in command.params for o in p.opts if o in GPU_OPTIONS}
+
+    assert set(options(main)) == set(GPU_OPTIONS)
+    assert options(main) == options(infer_main)
+    assert "--strict-placement" in _invoke("--help").output
+
+
+def test_the_gpu_options_reach_every_models_session(tmp_path, monkeypatch):
+    import stn_deploy.serve.cli as serve_cli
+    from stn_deploy.errors import ProviderError
+    from stn_deploy.runtime import ProviderConfig
+
+    seen: list[dict] = []
+
+    def fake_session(path, provider, **kwargs):
+        seen.append({"path": path, "provider": provider, **kwargs})
+        raise ProviderError(f"{path}: stopped before warm-up")
+
+    monkeypatch.setattr(serve_cli, "Session", fake_session)
+    model = tmp_path / "stn.onnx"
+    model.write_bytes(b"unused: the session is faked")
+    args = ["--provider", "cuda", "--device-id", "1", "--cuda-tf32", "--trt-fp16", "--no-device-check"]
+    assert_cli_error(_invoke(model, *args, "--max-batch-size", "64"), 1, "stopped before warm-up")
+    (call,) = seen
+    assert call["provider"] == "cuda" and call["device_check"] is False
+    assert call["provider_config"] == ProviderConfig(device_id=1, trt_fp16=True, trt_max_batch=64, cuda_tf32=True)
+
+
 def test_a_missing_model_file_is_a_one_line_error(tmp_path):
     assert_cli_error(_invoke(tmp_path / "missing.onnx"), 1, "no such model file")
 

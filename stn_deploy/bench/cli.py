@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from stn_deploy import metadata as md
-from stn_deploy.console import STREAMS, report_errors, to_json
+from stn_deploy.console import DEVICE_CHECK_HELP, STREAMS, report_errors, to_json
 from stn_deploy.errors import ModelFileError, StnDeployError
 from stn_deploy.fileio import input_file_problem
 from stn_deploy.runtime import Session
@@ -48,6 +48,7 @@ def plan_backends(
     openvino_int8_model: Path | None = None,
     max_batch: int = max(DEFAULT_BATCH_SIZES),
     streams: int | str = "auto",
+    device_check: bool = True,
 ) -> list[Backend]:
     """The runners to try, filtered by ``--backends`` (PyTorch eager on the CPU always stays: it is
     the baseline of every ratio). Two rows that would carry one name (say an int8 file given as
@@ -61,6 +62,7 @@ def plan_backends(
         openvino_int8_model=openvino_int8_model,
         max_batch=max_batch,
         streams=streams,
+        device_check=device_check,
     )
     backends: list[Backend] = []
     seen: set[str] = set()
@@ -184,6 +186,7 @@ def plan_backends(
     default=None,
     help="Write throughput vs batch size to this PNG (needs matplotlib).",
 )
+@click.option("--device-check/--no-device-check", default=True, show_default=True, help=DEVICE_CHECK_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
 def main(
@@ -204,6 +207,7 @@ def main(
     only: str | None,
     as_json: bool,
     plot_path: Path | None,
+    device_check: bool,
     quiet: bool,
 ) -> None:
     """Benchmark MODEL on every available backend with the same input batches: PyTorch eager
@@ -253,6 +257,7 @@ def main(
         openvino_int8_model=openvino_int8_model,
         max_batch=max(sizes),
         streams=streams,
+        device_check=device_check,
     )
     if wanted:
         known = {

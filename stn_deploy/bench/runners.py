@@ -120,6 +120,7 @@ class OrtRunner(Runner):
         streams: int | str = "auto",
         missing: str = "--model",
         cuda_tf32: bool = False,
+        device_check: bool = True,
     ) -> None:
         super().__init__(threads)
         self.model, self.provider, self.trt_fp16 = model, provider, trt_fp16
@@ -130,6 +131,7 @@ class OrtRunner(Runner):
         self.missing = missing
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.cuda_tf32 = cuda_tf32  # the fp32 file with TF32 math (ProviderConfig.cuda_tf32): speed vs exactness
+        self.device_check = device_check  # GPU rows: the warm-up batch checked against the CPU provider
         self.name = f"ort-{provider}-{'tf32' if cuda_tf32 else self.precision}" + (
             streams_suffix(streams) if isinstance(streams, int) else ""
         )
@@ -153,6 +155,7 @@ class OrtRunner(Runner):
                 record_placement=self.provider != "cpu",
                 warmup=1,
                 streams=self.streams,
+                device_check=self.device_check,
             )
         except ProviderError as exc:
             raise BackendUnavailable(str(exc)) from None
@@ -268,6 +271,7 @@ def plan_runners(
     openvino_int8_model: Path | None = None,
     max_batch: int = 256,
     streams: int | str = "auto",
+    device_check: bool = True,
 ) -> list[Runner]:
     """Every backend stn-bench knows, in table order; each decides in ``load()`` if it can run.
 
@@ -276,7 +280,8 @@ def plan_runners(
     is the largest batch size that will be run (TensorRT builds its profile for it). With
     ``streams="auto"`` the ONNX Runtime CPU rows choose per batch size, as ``Session`` does; with a
     number > 1 each ONNX Runtime CPU and OpenVINO row gets a twin that cuts the batch into that
-    many concurrent streams of ``threads // streams`` threads (the same cores).
+    many concurrent streams of ``threads // streams`` threads (the same cores). ``device_check``:
+    each GPU row's session checks its warm-up batch against the CPU provider (``Session``).
     """
     ort_arrangements: list[int | str] = ["auto"] if streams == "auto" else ([1, streams] if streams > 1 else [1])
     arrangements = [1, streams] if isinstance(streams, int) and streams > 1 else [1]
@@ -289,11 +294,12 @@ def plan_runners(
     runners: list[Runner] = [TorchRunner(checkpoint, "cpu", threads), TorchRunner(checkpoint, "cuda", threads)]
     runners += [OrtRunner(model, "cpu", "fp32", threads, streams=n) for n in ort_arrangements]
     runners += [OrtRunner(int8_model, "cpu", "int8", threads, streams=n, missing=no_int8) for n in ort_arrangements]
-    runners.append(OrtRunner(model, "cuda", "fp32", threads))
-    runners.append(OrtRunner(model, "cuda", "fp32", threads, cuda_tf32=True))
-    runners.append(OrtRunner(fp16_model, "cuda", "fp16", threads, missing=no_fp16))
-    runners.append(OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch))
-    runners.append(OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True, max_batch=max_batch))
+    gpu = {"device_check": device_check}
+    runners.append(OrtRunner(model, "cuda", "fp32", threads, **gpu))
+    runners.append(OrtRunner(model, "cuda", "fp32", threads, cuda_tf32=True, **gpu))
+    runners.append(OrtRunner(fp16_model, "cuda", "fp16", threads, missing=no_fp16, **gpu))
+    runners.append(OrtRunner(model, "tensorrt", "fp32", threads, max_batch=max_batch, **gpu))
+    runners.append(OrtRunner(model, "tensorrt", "fp16", threads, trt_fp16=True, max_batch=max_batch, **gpu))
     for hint, precision in ((None, "default"), ("f32", "f32")):
         runners += [OpenVinoRunner(model, hint, precision, threads, streams=n) for n in arrangements]
     no_ov_int8 = missing("--int8-model or --openvino-int8-model", "int8")

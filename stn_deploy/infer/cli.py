@@ -14,7 +14,7 @@ import click
 from PIL import Image
 
 from stn_deploy import metadata as md
-from stn_deploy.console import BATCH, STREAMS, report_errors, to_json
+from stn_deploy.console import BATCH, STREAMS, provider_options, report_errors, to_json
 from stn_deploy.decode_pool import POOLS, prestart_processes
 from stn_deploy.decoders import AUTO_MODES, DECODE_MODES, DecodeSpec
 from stn_deploy.image_walk import walk_images
@@ -126,17 +126,7 @@ other error (unreadable model, unavailable provider, --strict-placement violated
     help="Top classes per image (capped at the number of classes).",
 )
 @click.option("--log-probs", is_flag=True, help="Also write every class's log-probability.")
-@click.option(
-    "--provider",
-    "-p",
-    type=click.Choice(PROVIDERS),
-    default="auto",
-    show_default=True,
-    help="Execution provider; auto = TensorRT, else CUDA, else CPU.",
-)
-@click.option(
-    "--device-id", default=0, show_default=True, type=click.IntRange(min=0), help="GPU ordinal for cuda/tensorrt."
-)
+@provider_options(PROVIDERS)
 @click.option(
     "--threads",
     "-t",
@@ -191,28 +181,6 @@ other error (unreadable model, unavailable provider, --strict-placement violated
     show_default=True,
     type=click.IntRange(min=1),
     help="Refuse images with more pixels than this (decompression-bomb guard).",
-)
-@click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
-@click.option(
-    "--cuda-tf32",
-    is_flag=True,
-    help="CUDA: let fp32 convolutions and matmuls use TF32 (faster on Ampere and later; log-probs move by "
-    "~1e-3). Off by default: an fp32 model computes in fp32.",
-)
-@click.option(
-    "--trt-engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT: engine/timing cache directory."
-)
-@click.option(
-    "--device-check/--no-device-check",
-    default=True,
-    show_default=True,
-    help="On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
-    "disagree (fp32: max |Δ| 1e-3 and identical top-1).",
-)
-@click.option(
-    "--strict-placement",
-    is_flag=True,
-    help="Fail (instead of warn) when a GPU provider leaves compute nodes on the CPU.",
 )
 @click.option(
     "--visualize",

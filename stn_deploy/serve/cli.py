@@ -18,10 +18,10 @@ import click
 import uvicorn
 from PIL import Image
 
-from stn_deploy.console import report_errors
+from stn_deploy.console import provider_options, report_errors
 from stn_deploy.errors import StnDeployError, one_line
 from stn_deploy.images import DEFAULT_MAX_PIXELS
-from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, Session
+from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, ProviderConfig, Session
 
 from .app import ServerLimits, create_app
 from .metrics import ServeMetrics
@@ -94,14 +94,7 @@ error (one line on stderr); 2 bad arguments.
     type=click.IntRange(0, 65535),
     help="Port (0: any free port; the ready line says which).",
 )
-@click.option(
-    "--provider",
-    "-p",
-    type=click.Choice(PROVIDERS),
-    default="auto",
-    show_default=True,
-    help="Execution provider; auto = TensorRT, else CUDA, else CPU.",
-)
+@provider_options(PROVIDERS)
 @click.option(
     "--threads",
     "-t",
@@ -187,6 +180,12 @@ def main(
     host: str,
     port: int,
     provider: str,
+    device_id: int,
+    trt_fp16: bool,
+    cuda_tf32: bool,
+    trt_engine_cache: Path | None,
+    device_check: bool,
+    strict_placement: bool,
     threads: int | None,
     streams: int,
     ort_spin: bool,
@@ -216,9 +215,27 @@ def main(
     batching = BatchingConfig(
         max_batch_size=max_batch_size, max_queue_delay_s=max_queue_delay_ms / 1e3, max_queue=max_queue
     )
+    provider_config = ProviderConfig(
+        device_id=device_id,
+        trt_fp16=trt_fp16,
+        trt_engine_cache=trt_engine_cache,
+        trt_max_batch=max_batch_size,  # TensorRT's optimization profile covers the largest batch
+        cuda_tf32=cuda_tf32,
+    )
     served = []
     for path, name in zip(models, model_names):
-        session = Session(path, provider, threads=threads, streams=streams, spin=ort_spin, warmup=1, warmup_batch=1)
+        session = Session(
+            path,
+            provider,
+            provider_config=provider_config,
+            threads=threads,
+            streams=streams,
+            spin=ort_spin,
+            warmup=1,
+            warmup_batch=1,
+            device_check=device_check,
+        )
+        session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))
         served.append(ServedModel(name, session, batching, metrics))
     limits = ServerLimits(
         max_body_bytes=int(max_body_mb * (1 << 20)),
