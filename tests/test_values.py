@@ -382,6 +382,27 @@ def test_an_unreadable_model_exits_1_as_the_readme_says(tmp_path):
         assert str(model) in result.stderr
 
 
+def test_a_file_onnx_runtime_cannot_load_gives_one_stderr_line_and_no_runtime_log(tmp_path):
+    """ONNX Runtime logs from C++ straight to file descriptor 2, which CliRunner never sees: a
+    session that failed to load with the placement profiler on used to add "[E:onnxruntime:, ...]
+    Could not write a profile because no model was loaded" above our one-line error."""
+    import subprocess
+    import sys
+
+    images = _images(tmp_path / "images", 1)
+    model = tmp_path / "checkpoint.pt"
+    model.write_bytes(b"PK\x03\x04 a zip, not a protobuf" * 8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stn_deploy.infer", str(images), "--model", str(model), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr  # exactly one line
+    assert proc.stderr.startswith(f"Error: {model}: onnxruntime cannot load it (") and "onnxruntime:" not in proc.stderr
+
+
 def test_a_fifo_given_as_checkpoint_archive_or_model_is_refused_at_once_not_waited_on(tmp_path):
     """Opening a FIFO for reading blocks until a writer comes: every reader checks the file first
     (fileio.input_file_problem)."""

@@ -8,7 +8,10 @@ accuracy gate and the fp16 check. So the rules live in one place:
 * ONNX Runtime's own provider fallback is off (``enable_fallback=0``): it prints to stdout, where
   stn-infer may be writing rows, and retries on other providers without their options; a
   provider that cannot start is ours to report (and ``auto`` tries the next one itself);
-* its log is reduced to errors: what a user needs to know is reported by us, in one line;
+* its log is reduced to fatal messages: every error ONNX Runtime logs also reaches us as an
+  exception, which we report in one line; its own log line would be a second, raw copy (and a
+  session that failed to load with the profiler on adds "Could not write a profile because no
+  model was loaded" on its way out);
 * a failure is a one-line :class:`~stn_deploy.errors.ModelFileError` (the file cannot be loaded)
   or :class:`~stn_deploy.errors.ProviderError` (a GPU provider failed to start).
 """
@@ -31,7 +34,7 @@ GRAPH_OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-_ERRORS_ONLY = 3  # ort's log severity: 0 verbose ... 3 error, 4 fatal
+_FATAL_ONLY = 4  # ort's log severity: 0 verbose ... 3 error, 4 fatal
 
 
 def session_options(
@@ -56,7 +59,7 @@ def session_options(
     options = ort.SessionOptions()
     options.graph_optimization_level = GRAPH_OPTIMIZATION[optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = _ERRORS_ONLY
+    options.log_severity_level = _FATAL_ONLY
     if threads:
         options.intra_op_num_threads = int(threads)
     if spin is not None:
