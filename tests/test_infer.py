@@ -224,6 +224,10 @@ def test_usage_errors(tmp_path, model_path):
     assert r.exit_code == 2 and "--json prints the summary on stdout" in r.stderr
     r = _invoke(images, "--model", model_path, "-o", tmp_path / "p.txt")
     assert r.exit_code == 2 and "cannot tell the output format" in r.stderr
+    r = _invoke(images, "--model", model_path, "-o", tmp_path / "p.parquet")
+    assert r.exit_code == 2 and "p.parquet: Parquet is written by --engine ray" in r.stderr
+    r = _invoke(images, "--model", model_path, "-o", tmp_path)
+    assert r.exit_code == 2 and f"{tmp_path}: is a directory; --output takes a file" in r.stderr
     r = _invoke(images, "--model", model_path, "-o", tmp_path / "p.csv", "--streams", "3", "--threads", "2")
     assert r.exit_code == 2 and "--streams 3 needs --threads >= 3" in r.stderr
     r = _invoke(images, "--model", model_path, "--provider", "cuda")

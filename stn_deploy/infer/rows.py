@@ -204,6 +204,10 @@ def output_format(output: str, fmt: str | None) -> str:
         return "csv"
     if ext in (".jsonl", ".ndjson"):
         return "jsonl"
+    if ext == ".parquet":
+        raise OutputFormatError(f"{output}: Parquet is written by --engine ray; this engine writes .csv or .jsonl")
+    if Path(output).is_dir():
+        raise OutputFormatError(f"{output}: is a directory; --output takes a file (.csv or .jsonl)")
     raise OutputFormatError(
         f"{output}: cannot tell the output format from the extension (use .csv or .jsonl, or --format)"
     )
