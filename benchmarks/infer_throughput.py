@@ -14,6 +14,11 @@ scenario       what is measured
                accuracy rule met (``decode_accuracy.py``; here also top-1 agreement of the
                fast rows with the exact rows).
 ``photo1080``  2,000 1920×1080 JPEGs: the same. Target >= 4x.
+``png-threads`` the same 10,000 PNGs and int8 file under other thread arrangements
+               (``--png-arrangements``, threads x streams): stn-infer against the model-only
+               speed of *its own* arrangement. Not the target (that is the best settings, the
+               ``png`` row): it shows how much of the gap is the pipeline and how much is two
+               cores shared between the model and decoding.
 ``rss``        10,000 and 100,000 small PNGs: peak RSS (the stn-infer process, exact, from
                wait4; and the whole process tree, sampled), time to the first row on stdout.
                Target: peak at 100,000 <= 1.5x the peak at 10,000.
@@ -56,7 +61,7 @@ from stn_deploy.fileio import atomic_write_text  # noqa: E402
 from synthetic_images import write_photos, write_pngs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("png", "photo640", "photo1080", "rss", "one")
+SCENARIOS = ("png", "png-threads", "photo640", "photo1080", "rss", "one")
 TARGETS = {"png": 0.75, "photo640": 3.0, "photo1080": 4.0, "rss": 1.5}
 
 
@@ -306,6 +311,42 @@ def _agreement(a: Path, b: Path) -> float:
     return sum(x == y for x, y in zip(la, lb)) / max(1, len(la))
 
 
+def scenario_png_threads(cmds: Commands, args: argparse.Namespace, models: dict[str, Path]) -> dict[str, Any]:
+    """stn-infer and model-only under each threads x streams arrangement, interleaved (int8 file)."""
+    images = args.images_dir / f"png32_{args.png_count}"
+    model = models.get("int8") or next(iter(models.values()))
+    arrangements = [tuple(int(v) for v in a.split("x")) for a in args.png_arrangements.split(",")]
+    runs: dict[str, list[tuple[float, float, float | None]]] = {}
+    for _ in range(args.repeats):
+        for threads, streams in arrangements:
+            key = f"{threads}x{streams}"
+            flags = ["--threads", str(threads), "--streams", str(streams), "--batch-size", "256"]
+            r = cmds.infer("now", images, model, *flags, "--decode-pool", "thread")
+            runs.setdefault(f"stn-infer {key}", []).append(_sample(r, args.png_count))
+            only = model_only(model, images, 256, threads, streams, 1)
+            runs.setdefault(f"model-only {key}", []).extend((rate, cpu, None) for rate, cpu in only)
+    rows = {k: _summary(v) for k, v in runs.items()}
+    out: dict[str, Any] = {"images": args.png_count, "model": model.name, "arrangements": {}}
+    for threads, streams in arrangements:
+        key = f"{threads}x{streams}"
+        infer, only = rows[f"stn-infer {key}"], rows[f"model-only {key}"]
+        out["arrangements"][key] = {
+            "stn_infer": infer,
+            "model_only": only,
+            "ratio_to_own_model_only": round(infer["best_img_s"] / only["best_img_s"], 3),
+        }
+    print(
+        "png-threads: "
+        + ", ".join(
+            f"{k} stn-infer {v['stn_infer']['best_img_s']:.0f} / model-only {v['model_only']['best_img_s']:.0f} "
+            f"= {v['ratio_to_own_model_only']:.2f}"
+            for k, v in out["arrangements"].items()
+        ),
+        file=sys.stderr,
+    )
+    return out
+
+
 def scenario_photos(cmds: Commands, args: argparse.Namespace, models: dict[str, Path], name: str) -> dict[str, Any]:
     count, (w, h) = (args.photo_count, (640, 480)) if name == "photo640" else (args.hd_count, (1920, 1080))
     images = args.images_dir / f"{name}_{count}"
@@ -407,7 +448,7 @@ def scenario_one(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
 
 def prepare_images(args: argparse.Namespace, scenarios: list[str]) -> None:
     t0 = time.perf_counter()
-    counts = {args.png_count} if {"png", "one"} & set(scenarios) else set()
+    counts = {args.png_count} if {"png", "png-threads", "one"} & set(scenarios) else set()
     if "rss" in scenarios:
         counts |= {int(c) for c in args.rss_counts.split(",")}
     for count in sorted(counts):
@@ -432,6 +473,9 @@ def main() -> None:
     ap.add_argument("--png-count", type=int, default=10_000)
     ap.add_argument(
         "--png-configs", default="process:2,process:1,thread:2,thread:1", help="decode pool:workers for stn-infer now"
+    )
+    ap.add_argument(
+        "--png-arrangements", default="2x2,2x1,1x1", help="png-threads: threads x streams arrangements to compare"
     )
     ap.add_argument("--photo-count", type=int, default=10_000)
     ap.add_argument("--hd-count", type=int, default=2_000)
@@ -460,6 +504,8 @@ def main() -> None:
         for name in scenarios:
             if name == "png":
                 results[name] = scenario_png(cmds, args, models)
+            elif name == "png-threads":
+                results[name] = scenario_png_threads(cmds, args, models)
             elif name in ("photo640", "photo1080"):
                 results[name] = scenario_photos(cmds, args, models, name)
             elif name == "rss":
