@@ -201,6 +201,7 @@ def test_json_prints_one_ready_line_with_the_url_models_and_settings(server):
     assert ready["url"] == server.url
     assert [m["name"] for m in ready["models"]] == ["stn", "plain"]
     assert ready["models"][1]["has_warped"] is False and ready["max_batch_size"] == 16
+    assert all(m["device_check"] is None for m in ready["models"])  # the CPU provider: nothing to check against
 
 
 def test_server_metadata_names_the_binary_tensor_extension(client):

@@ -116,6 +116,8 @@ class ServedModel:
             "classes": len(self.class_names),
             "has_theta": self.has_theta,
             "has_warped": self.has_warped,
+            # on a GPU provider: the warm-up batch against the CPU provider (None on the CPU)
+            "device_check": self.session.device_check.to_dict() if self.session.device_check else None,
         }
 
     # -- running ----------------------------------------------------------------------------------
