@@ -111,10 +111,15 @@ class AutoOrCount(click.ParamType):
 STREAMS = AutoOrCount()
 BATCH = AutoOrCount()
 
-DEVICE_CHECK_HELP = (
-    "On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
+# --device-check/--no-device-check: in provider_options, and on its own in stn-bench (whose
+# backends, not a --provider, choose the GPU rows).
+device_check_option = click.option(
+    "--device-check/--no-device-check",
+    default=True,
+    show_default=True,
+    help="On a GPU provider, run the warm-up batch on the CPU provider too and stop if the log-probabilities "
     "disagree (fp32: max |Δ| 1e-3 and identical top-1; fp16, int8, --cuda-tf32 and --trt-fp16: fp16's "
-    "bound, 5e-2)."
+    "bound, 5e-2).",
 )
 
 
@@ -153,7 +158,7 @@ def provider_options(providers: Sequence[str]) -> Callable[[F], F]:
             default=None,
             help="TensorRT: engine/timing cache directory.",
         ),
-        click.option("--device-check/--no-device-check", default=True, show_default=True, help=DEVICE_CHECK_HELP),
+        device_check_option,
         click.option(
             "--strict-placement",
             is_flag=True,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from .decode_warnings import capture as capture_warnings
+from .fileio import read_regular_file
 from .images import DEFAULT_MAX_PIXELS, ORIENTATION, SWAPS_AXES, DecodeResult, decode, decode_bytes
 from .preprocessing import Preprocessing
 
@@ -251,7 +251,7 @@ def decode_into(path: Path, spec: DecodeSpec, out: np.ndarray, caught: list[str]
     whole chunk of files: ``caught`` is its list, emptied here). Returns (decoder, error, warnings)."""
     kind = "other"
     try:
-        data = _read_regular_file(path)
+        data = read_regular_file(path)  # None for anything but a regular file; b"" when empty
         kind = file_kind(data[:8]) if data else "other"
         how = _decode_bytes(kind, data, spec, out) if data else None
     except Exception:  # noqa: BLE001 - anything unusual: the reference path decides, and words the error
@@ -293,28 +293,6 @@ def decode_data(data: bytes, name: str, spec: DecodeSpec, out: np.ndarray) -> De
         result.array = None
     result.decoder = f"{kind}:pillow" + (" fast" if kind == "jpeg" and draft is not None else "")
     return result
-
-
-def _read_regular_file(path: Path) -> bytes | None:
-    """The file's bytes, or None when it is not a regular file or is empty (the reference path
-    then says so). O_NONBLOCK: opening a named pipe must not wait for a writer."""
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        size = os.fstat(fd)
-        if not stat.S_ISREG(size.st_mode) or size.st_size == 0:
-            return None
-        data = os.read(fd, size.st_size + 1)  # a regular file reads short only at its end
-        if len(data) <= size.st_size:
-            return data
-        parts = [data]
-        while chunk := os.read(fd, 1 << 20):  # it grew while we read
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _decode_bytes(kind: str, data: bytes, spec: DecodeSpec, out: np.ndarray) -> str | None:

@@ -80,6 +80,30 @@ def input_file_problem(
     return directory if path.is_dir() else "not a regular file"
 
 
+def read_regular_file(path: str | os.PathLike[str]) -> bytes | None:
+    """The bytes of ``path``, or None when it is not a regular file (a FIFO, a device, a
+    directory), found without reading from it: opened non-blocking (a plain open of a FIFO waits
+    for a writer forever) and checked with fstat on the open descriptor (a stat before the open
+    could race a rename). O_NONBLOCK does nothing to reads of a regular file. OSError as open() raises it."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        data = os.read(fd, info.st_size + 1)  # one call: a regular file reads short only at its end
+        if len(data) <= info.st_size:
+            return data
+        parts = [data]
+        while chunk := os.read(fd, 1 << 20):  # it grew while we read
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise now the error :func:`atomic_path` would raise for ``path`` at the end of a long job."""
     path = Path(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from stn_deploy import metadata as md
-from stn_deploy.console import DEVICE_CHECK_HELP, STREAMS, report_errors, to_json
+from stn_deploy.console import STREAMS, device_check_option, report_errors, to_json
 from stn_deploy.errors import ModelFileError, StnDeployError
 from stn_deploy.fileio import input_file_problem
 from stn_deploy.runtime import Session
@@ -186,7 +186,7 @@ def plan_backends(
     default=None,
     help="Write throughput vs batch size to this PNG (needs matplotlib).",
 )
-@click.option("--device-check/--no-device-check", default=True, show_default=True, help=DEVICE_CHECK_HELP)
+@device_check_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @report_errors
 def main(

@@ -14,10 +14,11 @@ Field numbers are those of ``onnx/onnx.proto`` (stable since ONNX 1.0).
 from __future__ import annotations
 
 import os
-import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from stn_deploy.fileio import read_regular_file
 
 # onnx.proto field numbers
 _MODEL_GRAPH, _MODEL_OPSET_IMPORT, _MODEL_METADATA_PROPS = 7, 8, 14
@@ -80,7 +81,10 @@ class GraphInfo:
 def read_graph_info(path: str | os.PathLike[str]) -> GraphInfo:
     """Scan ``path``'s top-level graph; raises :class:`GraphReadError` on malformed bytes or on
     anything but a regular file."""
-    data = memoryview(_read_regular_file(path))
+    data = read_regular_file(path)
+    if data is None:
+        raise GraphReadError(f"{path}: not a regular file")
+    data = memoryview(data)
     info = GraphInfo()
     for number, _, value in _fields(data):
         if number == _MODEL_OPSET_IMPORT:
@@ -97,21 +101,6 @@ def read_graph_info(path: str | os.PathLike[str]) -> GraphInfo:
             entry = {n: bytes(v).decode("utf-8", "replace") for n, _, v in _fields(value) if n in _ENTRY}
             info.metadata[entry.get(_ENTRY_KEY, "")] = entry.get(_ENTRY_VALUE, "")  # StringStringEntryProto
     return info
-
-
-def _read_regular_file(path: str | os.PathLike[str]) -> bytes:
-    """The file's bytes; a FIFO, device or directory is refused without reading from it.
-
-    Opened non-blocking and checked with fstat on the open descriptor: a plain open of a FIFO
-    waits for a writer forever (and a stat before the open could race a rename). O_NONBLOCK does
-    nothing to reads of a regular file.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise GraphReadError(f"{path}: not a regular file")
-    with os.fdopen(fd, "rb") as file:
-        return file.read()
 
 
 def _read_graph(graph: memoryview, info: GraphInfo) -> None:
