@@ -139,6 +139,27 @@ def test_a_one_image_run_starts_no_pool_and_imports_no_progress_bar(tmp_path, mo
     assert summary["timings"]["start_to_first_rows_s"] >= summary["timings"]["start_to_session_ready_s"] > 0
 
 
+def test_the_model_file_is_read_once_before_onnx_runtime_loads_it(tmp_path, model_path, monkeypatch):
+    """--batch-size auto needs the file's metadata before the session starts; the Session gets
+    those graph facts instead of reading and parsing the file again."""
+    import stn_deploy.runtime.graph_info as graph_info
+
+    reads: list[str] = []
+    real = graph_info.read_regular_file
+
+    def counting(path, *args, **kwargs):
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(graph_info, "read_regular_file", counting)
+    Image.fromarray(_photo(32, 32, 0)).save(tmp_path / "one.png")
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(main, [str(tmp_path / "one.png"), "--model", str(model_path), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert reads == [str(model_path)]
+    assert json.loads(result.stdout)["batch_size"] == 256  # auto still read the input size from that one read
+
+
 def _exif_block(orientation: int) -> bytes:
     entries = [(0x0112, 3, 1, orientation), (0x010E, 2, 1000, 26)]  # an ImageDescription past the end
     body = b"II*\x00" + struct.pack("<IH", 8, len(entries))

@@ -29,6 +29,7 @@ from .pipeline import (
     choose_pool,
     default_decode_workers,
     mean_file_size,
+    read_model_graph,
     run_inference,
 )
 from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format, rate_text
@@ -255,8 +256,9 @@ def main(
     if ray_address is not None or actors is not None:
         raise InferUsageError("--ray-address and --actors apply to --engine ray")
     images_path = Path(images)
+    graph = read_model_graph(model_path)  # once: for --batch-size auto, then handed to the Session
     if batch_size == "auto":
-        batch_size = auto_batch_size(model_path)
+        batch_size = auto_batch_size(graph)
     if threads is not None and streams != "auto" and streams > threads:
         raise InferUsageError(
             f"--streams {streams} needs --threads >= {streams} (each stream runs at least one thread)"
@@ -291,6 +293,7 @@ def main(
         warmup=1,
         warmup_batch=min(batch_size, len(first)),
         device_check=device_check,
+        graph=graph,
     )
     session_s = time.perf_counter() - started
     placement = session.check_placement(strict_placement, warn=lambda m: click.echo(f"Warning: {m}", err=True))

@@ -28,7 +28,7 @@ from stn_deploy.decoders import DecodeSpec
 from stn_deploy.errors import StnDeployError, one_line
 from stn_deploy.images import DEFAULT_MAX_PIXELS, DecodedBatch
 from stn_deploy.preprocessing import Preprocessing
-from stn_deploy.runtime import Session, read_graph_info
+from stn_deploy.runtime import GraphInfo, GraphReadError, Session, read_graph_info
 from stn_deploy.visualize import save_warp_grid
 
 from .rows import Prediction, RowWriter, predictions_for
@@ -43,11 +43,23 @@ AUTO_BATCH_MAX = 256
 FALLBACK_BATCH = 64  # when the model's input size cannot be read before the session starts
 
 
-def auto_batch_size(model: Path) -> int:
-    """``--batch-size auto`` for ``model``: from its input size in the metadata, read without a session."""
+def read_model_graph(model: Path) -> GraphInfo | None:
+    """The model file's graph facts, read once before the session starts (for ``--batch-size
+    auto``, then handed to the :class:`Session`); None where the file cannot be read or parsed:
+    the session then says why in its own words."""
     try:
-        pre = Preprocessing.from_json(read_graph_info(model).metadata[md.PREPROCESSING])
-    except (OSError, KeyError, ValueError, StnDeployError):  # unreadable: the session says why in its own words
+        return read_graph_info(model)
+    except (OSError, GraphReadError):
+        return None
+
+
+def auto_batch_size(graph: GraphInfo | None) -> int:
+    """``--batch-size auto`` for a model file's ``graph`` facts: from its input size in the metadata."""
+    if graph is None:
+        return FALLBACK_BATCH
+    try:
+        pre = Preprocessing.from_json(graph.metadata[md.PREPROCESSING])
+    except (KeyError, ValueError, StnDeployError):  # no usable metadata: the session says why in its own words
         return FALLBACK_BATCH
     per_image = 4 * int(np.prod(pre.input_shape))
     return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_BYTES // per_image))

@@ -81,10 +81,13 @@ class Session:
         io_binding: bind the input to the device and outputs to host memory (default: on for
             GPU providers, off on CPU, where a plain ``run`` is already zero-copy).
         warmup: warm-up runs at construction; with record_placement or device_check at least one.
-        warmup_batch: batch size of the warm-up input (seeded random images).
+        warmup_batch: batch size of the warm-up input (a fixed deterministic pattern).
         record_placement: record which node runs on which provider during the first warm-up run.
         device_check: on a GPU provider, run the warm-up batch on the CPU provider too and raise
             :class:`ProviderError` if the log-probabilities disagree (:mod:`.guards`).
+        graph: the file's graph facts (:func:`.graph_info.read_graph_info`) when the caller has
+            read them already, so the file is not read and parsed twice (stn-infer reads them
+            first for ``--batch-size auto``).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Session:
         warmup_batch: int = 1,
         record_placement: bool = True,
         device_check: bool = True,
+        graph: GraphInfo | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         if problem := input_file_problem(self.model_path, missing="no such model file"):
@@ -128,10 +132,13 @@ class Session:
         self._record_placement = record_placement
         self.device_check: DeviceCheck | None = None
         self._closed = False
-        try:
-            self.graph = read_graph_info(self.model_path)
-        except (GraphReadError, OSError):
-            self.graph = GraphInfo()  # onnxruntime's load below says what is wrong with the file
+        if graph is not None:
+            self.graph = graph  # read already by the caller (stn-infer, for --batch-size auto)
+        else:
+            try:
+                self.graph = read_graph_info(self.model_path)
+            except (GraphReadError, OSError):
+                self.graph = GraphInfo()  # onnxruntime's load below says what is wrong with the file
 
         self._profile_dir = tempfile.mkdtemp(prefix="stn-placement-") if record_placement else None
         try:
