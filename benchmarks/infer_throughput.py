@@ -25,6 +25,11 @@ scenario       what is measured
 ``one``        one image: wall time of the whole command and peak RSS, now and today.
 =============  ===============================================================================
 
+Each png and photo row also gets a ``ceiling``: the fastest decoder call alone (pyspng; simplejpeg
+at the fast path's DCT scale and at 1/8) and the model alone, timed in this process, spread
+perfectly over every core. No pipeline on this machine can beat it (see the comment above
+``CEILING_SAMPLE``); a target above it is out of reach here whatever stn-infer does.
+
 "Today's stn-infer" is the code at ``--baseline-commit`` (825e604, before issue 13), extracted
 with ``git archive`` into a temporary directory and run with the same interpreter and packages
 (``PYTHONPATH``); ``--baseline-commit none`` skips it. Images are generated once
@@ -46,6 +51,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -55,6 +61,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stn_deploy.fileio import atomic_write_text  # noqa: E402
@@ -218,16 +226,17 @@ class Commands:
 
 # -- scenarios --------------------------------------------------------------------------------------
 def model_only(
-    model: Path, images: Path, batch: int, threads: int, streams: int, repeats: int
+    model: Path, images: Path, batch: int, threads: int, streams: int, repeats: int, limit: int | None = None
 ) -> list[tuple[float, float]]:
-    """(images/s, CPU µs per image) of the session alone over the pre-decoded images, ``repeats`` times."""
+    """(images/s, CPU µs per image) of the session alone over the pre-decoded images (the first
+    ``limit`` of them, if given), ``repeats`` times."""
     import resource
 
     from stn_deploy.images import decode_batch, find_images
     from stn_deploy.runtime import Session
 
     session = Session(model, "cpu", threads=threads, streams=streams, spin=False, warmup=3, warmup_batch=batch)
-    inputs = decode_batch(find_images(images).files, session.preprocessing).inputs
+    inputs = decode_batch(find_images(images).files[:limit], session.preprocessing).inputs
     names = [n for n in ("log_probs", "theta") if n in session.output_names]
     out = []
     for _ in range(repeats):
@@ -259,6 +268,59 @@ def _sample(result: dict[str, Any], images: int) -> tuple[float, float, float]:
     return (result["json"]["images_per_s"], result["tree_cpu_s"] / images * 1e6, result["wall_s"])
 
 
+# -- the ceiling: what no implementation on this machine can beat -----------------------------------
+# stn-infer must at least decode every file and run the model on it. Timed alone, on one thread of
+# this process, with nothing around the decoder call (no file read, no header parse, no resize, no
+# normalization, no rows, no pool), those two costs are a floor on the CPU time per image; spread
+# perfectly over every core, the floor gives the most images per second any pipeline could reach
+# here: cores × 1e6 / (decode floor + model) µs. A target above that ceiling cannot be met on this
+# machine by any code in this project, only by a faster decoder or different hardware.
+CEILING_SAMPLE = {"png": 2000, "photo640": 200, "photo1080": 40}
+
+
+def _cpu_per_call_us(items: list[Any], fn: Any, passes: int = 3) -> float:
+    """Least CPU µs (this thread's) per ``fn(item)`` over ``passes`` passes."""
+    best = math.inf
+    for _ in range(passes):
+        start = time.thread_time()
+        for item in items:
+            fn(item)
+        best = min(best, (time.thread_time() - start) / len(items))
+    return best * 1e6
+
+
+def decode_floor_us(files: list[Path], kind: str, scales: tuple[int, ...] = (1,)) -> dict[str, float] | None:
+    """CPU µs per image of the fastest decoder call alone (pyspng for PNG; simplejpeg, libjpeg-turbo,
+    at each DCT scale in ``scales`` for JPEG), on bytes already in memory. None without the
+    ``fast-decode`` extra."""
+    datas = [f.read_bytes() for f in files]
+    try:
+        if kind == "png":
+            import pyspng
+
+            return {"pyspng": round(_cpu_per_call_us(datas, pyspng.load), 1)}
+        import simplejpeg
+    except ImportError:
+        return None
+    with Image.open(files[0]) as im:
+        width, height = im.size
+    return {
+        f"simplejpeg 1/{s}": round(
+            _cpu_per_call_us(
+                datas,
+                lambda d, s=s: simplejpeg.decode_jpeg(d, "RGB", min_width=-(-width // s), min_height=-(-height // s)),
+            ),
+            1,
+        )
+        for s in scales
+    }
+
+
+def ceiling(floor_us: float, model_us: float) -> float:
+    """Images/s of a pipeline that spent only ``floor_us + model_us`` CPU µs per image on every core."""
+    return (os.cpu_count() or 1) * 1e6 / (floor_us + model_us)
+
+
 def scenario_png(cmds: Commands, args: argparse.Namespace, models: dict[str, Path]) -> dict[str, Any]:
     images = args.images_dir / f"png32_{args.png_count}"
     settings = ["--threads", "2", "--streams", "2", "--batch-size", "256"]
@@ -283,6 +345,16 @@ def scenario_png(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
         for row in rows.values():
             row["ratio_to_model_only"] = round(row["best_img_s"] / best_model, 3)
         best = max((k for k in rows if k.startswith("now")), key=lambda k: rows[k]["best_img_s"])
+        floor = decode_floor_us(sorted(images.rglob("*.png"))[: CEILING_SAMPLE["png"]], "png")
+        top = None
+        if floor:
+            model_us = rows["model-only"]["cpu_us_per_image_median"]
+            top = {
+                "decode_floor_us": floor,
+                "model_cpu_us": model_us,
+                "ceiling_img_s": round(ceiling(floor["pyspng"], model_us)),
+                "ceiling_ratio_to_model_only": round(ceiling(floor["pyspng"], model_us) / best_model, 3),
+            }
         tuned_keys = [k for k in rows if k.startswith("now") and k != "now defaults"]
         tuned = max(tuned_keys, key=lambda k: rows[k]["best_img_s"])
         out["models"][precision] = {
@@ -291,6 +363,7 @@ def scenario_png(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
             "ratio": rows[best]["ratio_to_model_only"],
             # issue 17's target: the defaults within 10% of the best hand-tuned flags
             "defaults_vs_best_tuned": round(rows["now defaults"]["best_img_s"] / rows[tuned]["best_img_s"], 3),
+            "ceiling": top,
         }
         print(
             f"png {precision}: "
@@ -298,7 +371,8 @@ def scenario_png(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
                 f"{k} {v['best_img_s']:.0f} ({v['ratio_to_model_only']:.2f}; "
                 f"{v['cpu_us_per_image_median']:.0f} cpu-us/img)"
                 for k, v in rows.items()
-            ),
+            )
+            + (f"; ceiling {top['ceiling_ratio_to_model_only']:.2f}x model-only" if top else ""),
             file=sys.stderr,
         )
     return out
@@ -379,11 +453,13 @@ def scenario_photos(cmds: Commands, args: argparse.Namespace, models: dict[str, 
         agreement = _agreement(cmds.tmp / f"fast_{precision}.csv", cmds.tmp / "now.csv")
         rows = {k: _summary(v) for k, v in runs.items()}
         ratio = rows["now"]["best_img_s"] / rows["today"]["best_img_s"] if "today" in rows else None
+        top = _photo_ceiling(images, name, model, w, h, rows.get("today"))
         out["models"][precision] = {
             "configs": rows,
             "ratio_now_to_today": None if ratio is None else round(ratio, 2),
             "decoders_now": decoders,
             "top1_agreement_fast_vs_exact": round(100 * agreement, 2),
+            "ceiling": top,
         }
         print(
             f"{name} {precision}: "
@@ -392,10 +468,43 @@ def scenario_photos(cmds: Commands, args: argparse.Namespace, models: dict[str, 
                 for k, v in rows.items()
             )
             + (f"; now/today {ratio:.2f}x" if ratio else "")
-            + f"; fast/exact agreement {100 * agreement:.2f}%",
+            + f"; fast/exact agreement {100 * agreement:.2f}%"
+            + (
+                f"; ceiling/today {top['ceiling_ratio_to_today_at_fast_scale']:.2f}x at the fast path's scale, "
+                f"{top['ceiling_ratio_to_today_at_1_8']:.2f}x at 1/8"
+                if top and "ceiling_ratio_to_today_at_1_8" in top
+                else ""
+            ),
             file=sys.stderr,
         )
     return out
+
+
+def _photo_ceiling(
+    images: Path, name: str, model: Path, width: int, height: int, today: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The ceiling of a photo row: the decode floor at the scale stn-infer's fast path uses (the
+    accuracy rule's) and at 1/8 (the smallest any JPEG decoder offers), plus the model's CPU."""
+    from stn_deploy import metadata as md
+    from stn_deploy.decoders import DecodeSpec, jpeg_scale
+    from stn_deploy.preprocessing import Preprocessing
+    from stn_deploy.runtime import read_graph_info
+
+    spec = DecodeSpec(Preprocessing.from_json(read_graph_info(model).metadata[md.PREPROCESSING]))
+    scale = jpeg_scale(width, height, spec.draft_size())
+    files = sorted(images.rglob("*.jpg"))
+    floor = decode_floor_us(files[: CEILING_SAMPLE[name]], "jpeg", tuple(sorted({scale, 8})))
+    if floor is None:
+        return None
+    model_us = _summary([(r, c, None) for r, c in model_only(model, images, 256, 2, 2, 2, limit=1024)])[
+        "cpu_us_per_image_median"
+    ]
+    top: dict[str, Any] = {"fast_path_scale": f"1/{scale}", "decode_floor_us": floor, "model_cpu_us": model_us}
+    for label, key in (("fast_scale", f"simplejpeg 1/{scale}"), ("1_8", "simplejpeg 1/8")):
+        top[f"ceiling_img_s_at_{label}"] = round(ceiling(floor[key], model_us))
+        if today:
+            top[f"ceiling_ratio_to_today_at_{label}"] = round(ceiling(floor[key], model_us) / today["best_img_s"], 2)
+    return top
 
 
 def scenario_rss(cmds: Commands, args: argparse.Namespace, models: dict[str, Path]) -> dict[str, Any]:
