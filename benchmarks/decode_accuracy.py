@@ -1,16 +1,17 @@
 """The accuracy rule for reduced-scale JPEG decoding (issue 13): same answers as the full decode?
 
 The digits test split (1,456 images, 32×32) is scaled up to 4× and 16× the model's size
-(128×128 and 512×512, bicubic) and written as JPEG (quality 90), one folder per class. Each set
+(128×128 and 512×512, bicubic; other sizes, square or ``WxH``, with ``--sizes``) and written as
+JPEG (quality 90), one folder per class. Each set
 is classified twice by the same ONNX model, once with ``--decode exact`` (full decode, then the
 model's resize: what training does) and once with ``--decode fast`` (the JPEG decoded at 1/2,
 1/4 or 1/8 scale in the DCT domain, no smaller than ``gap`` × the model's size, then the same
 resize). The rule: top-1 agreement with exact ≥ 99.5% and accuracy within 0.2 points. A fast
 path that fails it is not the default for that input (stn_deploy.decoders.AUTO_MODES).
 
-Both decode gaps are measured (1: decode down to the model's size itself where a power-of-two
-scale allows; 2, the default: at least twice the model's size, the resize then still averages),
-on the fp32 and the int8 file.
+Each gap in ``--gaps`` is measured (the reduced image at least gap × the model's size in both
+directions; the default, ``stn_deploy.decoders.JPEG_DRAFT_GAP``, is the smallest at which every
+measured size met the rule), on the fp32 and the int8 file.
 
 Run:  .venv/bin/python benchmarks/decode_accuracy.py --model build/stn_digits.onnx \
           --int8-model build/stn_digits.int8.onnx
@@ -41,8 +42,8 @@ MIN_AGREEMENT = 0.995
 MAX_ACCURACY_DELTA = 0.2  # points
 
 
-def write_digits_jpegs(directory: Path, size: int, quality: int = 90) -> tuple[list[Path], list[int]]:
-    """The digits test split at ``size``×``size`` as JPEG files under ``directory/<label>/``."""
+def write_digits_jpegs(directory: Path, size: tuple[int, int], quality: int = 90) -> tuple[list[Path], list[int]]:
+    """The digits test split at ``size`` = (width, height) as JPEG files under ``directory/<label>/``."""
     from stn_deploy.train.data import load_dataset  # torch: only to render the split
 
     loaded = load_dataset("digits", "test")
@@ -53,7 +54,7 @@ def write_digits_jpegs(directory: Path, size: int, quality: int = 90) -> tuple[l
         pixels = pre.denormalize(image.numpy())
         path = directory / str(int(label)) / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).save(path, quality=quality)
+        Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC).save(path, quality=quality)
         labels.append(int(label))
     files = find_images(directory).files
     by_path = {p.relative_to(directory).as_posix(): int(p.parent.name) for p in files}
@@ -77,8 +78,10 @@ def main() -> None:
         "--model", type=Path, required=True, help="fp32 digits model (stn-export of stn-train --dataset digits)"
     )
     ap.add_argument("--int8-model", type=Path, default=None)
-    ap.add_argument("--sizes", default="128,512", help="image sizes to write (4x and 16x a 32x32 model)")
-    ap.add_argument("--gaps", default="2,3,4", help="reduced decode no smaller than gap x the model's size")
+    ap.add_argument(
+        "--sizes", default="128,512", help="image sizes to write, N or WxH (default: 4x and 16x a 32x32 model)"
+    )
+    ap.add_argument("--gaps", default="2,3,4,5", help="reduced decode no smaller than gap x the model's size")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "decode_accuracy.json")
     args = ap.parse_args()
@@ -86,23 +89,25 @@ def main() -> None:
     models = {"fp32": args.model, **({"int8": args.int8_model} if args.int8_model else {})}
     rows = []
     with tempfile.TemporaryDirectory(prefix="stn-decode-acc-") as tmp:
-        for size in map(int, args.sizes.split(",")):
-            files, labels = write_digits_jpegs(Path(tmp) / f"s{size}", size, args.quality)
+        for text in args.sizes.split(","):
+            width, _, height = text.partition("x")
+            size = (int(width), int(height or width))
+            files, labels = write_digits_jpegs(Path(tmp) / f"s{text}", size, args.quality)
             truth = np.array(labels)
             for precision, model in models.items():
                 session = Session(model, "cpu", threads=2, warmup=0, record_placement=False)
                 exact, exact_dec = predictions(session, files, DecodeSpec(session.preprocessing, mode="exact"))
-                for gap in map(int, args.gaps.split(",")):
+                for gap in map(float, args.gaps.split(",")):
                     fast, fast_dec = predictions(
                         session, files, DecodeSpec(session.preprocessing, mode="fast", jpeg_gap=gap)
                     )
                     acc_exact, acc_fast = float(100 * (exact == truth).mean()), float(100 * (fast == truth).mean())
                     agreement = float((fast == exact).mean())
                     row = {
-                        "size": size,
-                        "scale_vs_model": size // session.preprocessing.image_size[0],
+                        "size": size[0] if size[0] == size[1] else f"{size[0]}x{size[1]}",
+                        "scale_vs_model": min(s // m for s, m in zip(size[::-1], session.preprocessing.image_size)),
                         "model": precision,
-                        "gap": gap,
+                        "gap": int(gap) if gap.is_integer() else gap,
                         "images": len(files),
                         "accuracy_exact": round(acc_exact, 2),
                         "accuracy_fast": round(acc_fast, 2),
@@ -117,7 +122,7 @@ def main() -> None:
                     }
                     rows.append(row)
                     print(
-                        f"{size:4d}px {precision} gap {gap}: exact {acc_exact:.2f}%  fast {acc_fast:.2f}%  "
+                        f"{text:>7s}px {precision} gap {gap:g}: exact {acc_exact:.2f}%  fast {acc_fast:.2f}%  "
                         f"agreement {100 * agreement:.2f}% ({row['disagreements']} differ)  rule "
                         f"{'met' if row['meets_rule'] else 'FAILED'}  "
                         f"{fast_dec}",
@@ -130,6 +135,7 @@ def main() -> None:
         "upscale": "bicubic from the 32x32 test images",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "rows": rows,
+        "command": " ".join(["benchmarks/decode_accuracy.py", *sys.argv[1:]]),
         "default_gap": JPEG_DRAFT_GAP,
         "default_gap_meets_rule_everywhere": all(r["meets_rule"] for r in rows if r["gap"] == JPEG_DRAFT_GAP),
     }

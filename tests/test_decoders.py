@@ -127,18 +127,19 @@ def test_exact_jpeg_decode_is_pillows_full_decode(tmp_path):
 
 
 @needs_simplejpeg
-@pytest.mark.parametrize(("size", "scale"), [((200, 150), 1), ((300, 260), 2), ((600, 520), 4), ((1100, 1030), 8)])
+@pytest.mark.parametrize(("size", "scale"), [((150, 120), 1), ((340, 320), 2), ((650, 640), 4), ((1300, 1280), 8)])
 def test_fast_jpeg_decodes_at_the_scale_pillows_draft_picks_with_the_same_pixels(tmp_path, size, scale):
     path = tmp_path / "photo.jpg"
     Image.fromarray(_photo(size[1], size[0])).save(path, quality=90)
-    assert jpeg_scale(*size, (128, 128)) == scale  # 4x the 32x32 model: JPEG_DRAFT_GAP
+    for pre in (RGB, GRAY):  # no smaller than JPEG_DRAFT_GAP x the model: 160 px for RGB's 32, 140 for GRAY's 28
+        assert jpeg_scale(*size, DecodeSpec(pre).draft_size()) == scale
     for pre in (RGB, GRAY):
         result, got = _decode(path, pre, mode="fast")
         assert result.decoder == ("jpeg:simplejpeg" if scale == 1 else f"jpeg:simplejpeg 1/{scale}")
         pillow, want = _decode(path, pre, mode="fast", libraries=False)  # Pillow's draft, the pure-Pillow fallback
         assert pillow.decoder == "jpeg:pillow fast"
         np.testing.assert_array_equal(got, want)
-        if scale == 1:  # nothing to gain below 8x the model's size: exact pixels
+        if scale == 1:  # no reduced scale leaves JPEG_DRAFT_GAP x the model's size: exact pixels
             np.testing.assert_array_equal(got, _reference(path, pre)[1])
 
 

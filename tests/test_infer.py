@@ -454,6 +454,7 @@ def test_ctrl_c_with_the_process_pool_prints_no_worker_tracebacks(tmp_path, mode
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.05)
     time.sleep(0.3)  # mid-run: the worker processes are decoding
+    assert proc.poll() is None, "the run ended before Ctrl-C could be sent (a machine too slow or too fast?)"
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err)

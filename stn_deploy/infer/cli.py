@@ -61,7 +61,7 @@ counts them). --output may not be the model or an image the run reads. A summary
 
 \b
 Decoding (--decode): 'exact' decodes every file at full size, as training does. 'fast' decodes a
-JPEG at 1/2, 1/4 or 1/8 scale inside the JPEG decoder (no smaller than 4x the model's size),
+JPEG at 1/2, 1/4 or 1/8 scale inside the JPEG decoder (no smaller than 5x the model's size),
 then resizes as the metadata says: faster on photos, slightly different pixels.
 'auto' (the default) uses fast for JPEG, where it met the accuracy rule (top-1 agreement with
 exact >= 99.5%, accuracy within 0.2 points at 4x and 16x the model's size), and exact for PNG
