@@ -19,8 +19,7 @@ import numpy as np
 
 from stn_deploy import metadata as md
 from stn_deploy.errors import ProviderError
-from stn_deploy.runtime import CPU, PROVIDER_NAMES, ProviderConfig, Session, available_providers, read_graph_info
-from stn_deploy.runtime.graph_info import GraphReadError
+from stn_deploy.runtime import CPU, PROVIDER_NAMES, ProviderConfig, Session, available_providers, try_read_graph_info
 
 EAGER = "pytorch-eager-cpu"
 EAGER_CUDA = "pytorch-eager-cuda"
@@ -253,12 +252,8 @@ def streams_suffix(streams: int) -> str:
 
 def _file_precision(path: Path | None) -> str | None:
     """``fp32`` / ``fp16`` / ``int8`` from the file's graph; None when there is no readable file."""
-    if path is None:
-        return None
-    try:
-        return read_graph_info(path).precision
-    except (GraphReadError, OSError):
-        return None  # load() reports the unreadable file
+    graph = try_read_graph_info(path) if path is not None else None
+    return graph.precision if graph is not None else None  # load() reports an unreadable file
 
 
 def plan_runners(

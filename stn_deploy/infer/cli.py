@@ -19,7 +19,14 @@ from stn_deploy.decode_pool import POOLS, prestart_processes
 from stn_deploy.decoders import AUTO_MODES, DECODE_MODES, DecodeSpec
 from stn_deploy.image_walk import walk_images
 from stn_deploy.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
-from stn_deploy.runtime import PROVIDERS, STREAM_CHUNK, STREAMS_MIN_BATCH, ProviderConfig, Session
+from stn_deploy.runtime import (
+    PROVIDERS,
+    STREAM_CHUNK,
+    STREAMS_MIN_BATCH,
+    ProviderConfig,
+    Session,
+    try_read_graph_info,
+)
 
 from .exits import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InferUsageError
 from .pipeline import (
@@ -29,7 +36,6 @@ from .pipeline import (
     choose_pool,
     default_decode_workers,
     mean_file_size,
-    read_model_graph,
     run_inference,
 )
 from .rows import OUTPUT_FORMATS, RowWriter, open_output, output_format, rate_text
@@ -256,7 +262,7 @@ def main(
     if ray_address is not None or actors is not None:
         raise InferUsageError("--ray-address and --actors apply to --engine ray")
     images_path = Path(images)
-    graph = read_model_graph(model_path)  # once: for --batch-size auto, then handed to the Session
+    graph = try_read_graph_info(model_path)  # once: for --batch-size auto, then handed to the Session
     if batch_size == "auto":
         batch_size = auto_batch_size(graph)
     if threads is not None and streams != "auto" and streams > threads:

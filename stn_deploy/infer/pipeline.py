@@ -28,7 +28,7 @@ from stn_deploy.decoders import DecodeSpec
 from stn_deploy.errors import StnDeployError, one_line
 from stn_deploy.images import DEFAULT_MAX_PIXELS, DecodedBatch
 from stn_deploy.preprocessing import Preprocessing
-from stn_deploy.runtime import GraphInfo, GraphReadError, Session, read_graph_info
+from stn_deploy.runtime import GraphInfo, Session
 from stn_deploy.visualize import save_warp_grid
 
 from .rows import Prediction, RowWriter, predictions_for
@@ -41,16 +41,6 @@ LARGE_FILE_BYTES = 256 * 1024  # mean file size above which auto decodes in proc
 AUTO_BATCH_BYTES = 16 * 1024 * 1024
 AUTO_BATCH_MAX = 256
 FALLBACK_BATCH = 64  # when the model's input size cannot be read before the session starts
-
-
-def read_model_graph(model: Path) -> GraphInfo | None:
-    """The model file's graph facts, read once before the session starts (for ``--batch-size
-    auto``, then handed to the :class:`Session`); None where the file cannot be read or parsed:
-    the session then says why in its own words."""
-    try:
-        return read_graph_info(model)
-    except (OSError, GraphReadError):
-        return None
 
 
 def auto_batch_size(graph: GraphInfo | None) -> int:

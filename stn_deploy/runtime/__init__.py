@@ -13,7 +13,7 @@ image batch meets them:
 """
 
 from .factory import GRAPH_OPTIMIZATION, create_session, session_options
-from .graph_info import GraphInfo, GraphReadError, read_graph_info
+from .graph_info import GraphInfo, read_graph_info, try_read_graph_info
 from .guards import DeviceCheck, compare_devices, tensorrt_excluded_ops
 from .placement import NodePlacement, PlacementReport, parse_profile
 from .providers import (
@@ -43,7 +43,6 @@ __all__ = [
     "TENSORRT",
     "DeviceCheck",
     "GraphInfo",
-    "GraphReadError",
     "NodePlacement",
     "PlacementReport",
     "ProviderConfig",
@@ -56,4 +55,5 @@ __all__ = [
     "resolve_providers",
     "session_options",
     "tensorrt_excluded_ops",
+    "try_read_graph_info",
 ]

@@ -103,6 +103,15 @@ def read_graph_info(path: str | os.PathLike[str]) -> GraphInfo:
     return info
 
 
+def try_read_graph_info(path: str | os.PathLike[str]) -> GraphInfo | None:
+    """:func:`read_graph_info`, or None where the file cannot be read or parsed: for a caller whose
+    next step (ONNX Runtime's load, a backend's ``load()``) says what is wrong with it, in its words."""
+    try:
+        return read_graph_info(path)
+    except (GraphReadError, OSError):
+        return None
+
+
 def _read_graph(graph: memoryview, info: GraphInfo) -> None:
     for number, _, value in _fields(graph):
         if number == _GRAPH_NODE:

@@ -36,7 +36,7 @@ from stn_deploy.metadata import ModelMetadata
 from stn_deploy.preprocessing import Preprocessing
 
 from .factory import GRAPH_OPTIMIZATION, create_session, session_options
-from .graph_info import GraphInfo, GraphReadError, read_graph_info
+from .graph_info import GraphInfo, try_read_graph_info
 from .guards import DeviceCheck, compare_devices, tensorrt_excluded_ops
 from .placement import PlacementReport, parse_profile
 from .providers import GPU_PROVIDERS, TENSORRT, ProviderChain, ProviderConfig, display, resolve_providers
@@ -85,7 +85,7 @@ class Session:
         record_placement: record which node runs on which provider during the first warm-up run.
         device_check: on a GPU provider, run the warm-up batch on the CPU provider too and raise
             :class:`ProviderError` if the log-probabilities disagree (:mod:`.guards`).
-        graph: the file's graph facts (:func:`.graph_info.read_graph_info`) when the caller has
+        graph: the file's graph facts (:func:`.graph_info.try_read_graph_info`) when the caller has
             read them already, so the file is not read and parsed twice (stn-infer reads them
             first for ``--batch-size auto``).
     """
@@ -132,13 +132,9 @@ class Session:
         self._record_placement = record_placement
         self.device_check: DeviceCheck | None = None
         self._closed = False
-        if graph is not None:
-            self.graph = graph  # read already by the caller (stn-infer, for --batch-size auto)
-        else:
-            try:
-                self.graph = read_graph_info(self.model_path)
-            except (GraphReadError, OSError):
-                self.graph = GraphInfo()  # onnxruntime's load below says what is wrong with the file
+        if graph is None:  # not read by the caller (stn-infer reads it for --batch-size auto)
+            graph = try_read_graph_info(self.model_path)
+        self.graph = graph if graph is not None else GraphInfo()  # unreadable: onnxruntime's load says why
 
         self._profile_dir = tempfile.mkdtemp(prefix="stn-placement-") if record_placement else None
         try:
