@@ -62,8 +62,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stn_deploy.fileio import atomic_write_text  # noqa: E402
 from synthetic_images import write_photos, write_pngs  # noqa: E402
@@ -289,31 +287,32 @@ def _cpu_per_call_us(items: list[Any], fn: Any, passes: int = 3) -> float:
     return best * 1e6
 
 
-def decode_floor_us(files: list[Path], kind: str, scales: tuple[int, ...] = (1,)) -> dict[str, float] | None:
-    """CPU µs per image of the fastest decoder call alone (pyspng for PNG; simplejpeg, libjpeg-turbo,
-    at each DCT scale in ``scales`` for JPEG), on bytes already in memory. None without the
+def png_floor_us(files: list[Path]) -> float | None:
+    """CPU µs per image of pyspng's decode alone, on bytes already in memory; None without the
     ``fast-decode`` extra."""
-    datas = [f.read_bytes() for f in files]
     try:
-        if kind == "png":
-            import pyspng
+        import pyspng
+    except ImportError:
+        return None
+    return round(_cpu_per_call_us([f.read_bytes() for f in files], pyspng.load), 1)
 
-            return {"pyspng": round(_cpu_per_call_us(datas, pyspng.load), 1)}
+
+def jpeg_floor_us(files: list[Path], size: tuple[int, int], scales: tuple[int, ...]) -> dict[str, float] | None:
+    """CPU µs per image of simplejpeg's (libjpeg-turbo's) decode alone at each DCT scale in
+    ``scales`` of ``size`` = (width, height) files, on bytes already in memory; None without the
+    ``fast-decode`` extra."""
+    try:
         import simplejpeg
     except ImportError:
         return None
-    with Image.open(files[0]) as im:
-        width, height = im.size
-    return {
-        f"simplejpeg 1/{s}": round(
-            _cpu_per_call_us(
-                datas,
-                lambda d, s=s: simplejpeg.decode_jpeg(d, "RGB", min_width=-(-width // s), min_height=-(-height // s)),
-            ),
-            1,
-        )
-        for s in scales
-    }
+    datas = [f.read_bytes() for f in files]
+    width, height = size
+
+    def at(scale: int) -> float:
+        w, h = -(-width // scale), -(-height // scale)
+        return round(_cpu_per_call_us(datas, lambda d: simplejpeg.decode_jpeg(d, "RGB", min_width=w, min_height=h)), 1)
+
+    return {f"simplejpeg 1/{s}": at(s) for s in scales}
 
 
 def ceiling(floor_us: float, model_us: float) -> float:
@@ -345,15 +344,16 @@ def scenario_png(cmds: Commands, args: argparse.Namespace, models: dict[str, Pat
         for row in rows.values():
             row["ratio_to_model_only"] = round(row["best_img_s"] / best_model, 3)
         best = max((k for k in rows if k.startswith("now")), key=lambda k: rows[k]["best_img_s"])
-        floor = decode_floor_us(sorted(images.rglob("*.png"))[: CEILING_SAMPLE["png"]], "png")
+        floor = png_floor_us(sorted(images.rglob("*.png"))[: CEILING_SAMPLE["png"]])
         top = None
-        if floor:
+        if floor is not None:
             model_us = rows["model-only"]["cpu_us_per_image_median"]
+            top_img_s = ceiling(floor, model_us)
             top = {
-                "decode_floor_us": floor,
+                "decode_floor_us": {"pyspng": floor},
                 "model_cpu_us": model_us,
-                "ceiling_img_s": round(ceiling(floor["pyspng"], model_us)),
-                "ceiling_ratio_to_model_only": round(ceiling(floor["pyspng"], model_us) / best_model, 3),
+                "ceiling_img_s": round(top_img_s),
+                "ceiling_ratio_to_model_only": round(top_img_s / best_model, 3),
             }
         tuned_keys = [k for k in rows if k.startswith("now") and k != "now defaults"]
         tuned = max(tuned_keys, key=lambda k: rows[k]["best_img_s"])
@@ -493,7 +493,7 @@ def _photo_ceiling(
     spec = DecodeSpec(Preprocessing.from_json(read_graph_info(model).metadata[md.PREPROCESSING]))
     scale = jpeg_scale(width, height, spec.draft_size())
     files = sorted(images.rglob("*.jpg"))
-    floor = decode_floor_us(files[: CEILING_SAMPLE[name]], "jpeg", tuple(sorted({scale, 8})))
+    floor = jpeg_floor_us(files[: CEILING_SAMPLE[name]], (width, height), tuple(sorted({scale, 8})))
     if floor is None:
         return None
     model_us = _summary([(r, c, None) for r, c in model_only(model, images, 256, 2, 2, 2, limit=1024)])[
@@ -501,9 +501,10 @@ def _photo_ceiling(
     ]
     top: dict[str, Any] = {"fast_path_scale": f"1/{scale}", "decode_floor_us": floor, "model_cpu_us": model_us}
     for label, key in (("fast_scale", f"simplejpeg 1/{scale}"), ("1_8", "simplejpeg 1/8")):
-        top[f"ceiling_img_s_at_{label}"] = round(ceiling(floor[key], model_us))
+        top_img_s = ceiling(floor[key], model_us)
+        top[f"ceiling_img_s_at_{label}"] = round(top_img_s)
         if today:
-            top[f"ceiling_ratio_to_today_at_{label}"] = round(ceiling(floor[key], model_us) / today["best_img_s"], 2)
+            top[f"ceiling_ratio_to_today_at_{label}"] = round(top_img_s / today["best_img_s"], 2)
     return top
 
 
